@@ -1,0 +1,53 @@
+"""Where things live under the node's state folder (contract §4). Pure: names, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["NodePaths"]
+
+
+@dataclass(frozen=True)
+class NodePaths:
+    state_dir: Path
+
+    @property
+    def repo(self) -> Path:
+        """The git repository of accepted snapshots (the audit trail)."""
+        return self.state_dir / "snapshots"
+
+    @property
+    def models(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def runtime(self) -> Path:
+        """Files the runtime containers read: jobs.json, participation.json, env, …"""
+        return self.state_dir / "runtime"
+
+    @property
+    def work(self) -> Path:
+        """Scratch space for partial downloads and trees being built; same filesystem."""
+        return self.state_dir / "work"
+
+    @property
+    def node_key(self) -> Path:
+        return self.state_dir / "node.key"
+
+    @property
+    def node_pub(self) -> Path:
+        return self.state_dir / "node.pub"
+
+    @property
+    def lock(self) -> Path:
+        return self.state_dir / "lock"
+
+    @property
+    def node_state(self) -> Path:
+        """Small JSON record of what git history must not be able to lower (serial, quarantine…)."""
+        return self.state_dir / "node-state.json"
+
+    @property
+    def jobs_file(self) -> Path:
+        return self.runtime / "jobs.json"

@@ -1,0 +1,1 @@
+"""Fixtures (placeholder; filled in by its owner)."""
