@@ -1,7 +1,7 @@
 """JSON Schemas of the v1 documents and the node settings, and validation against them.
 
 Pure: reads the schema files shipped in the package once, performs no other I/O.
-jsonschema's exceptions do not leave this module: callers get ``SchemaViolation``.
+jsonschema's exceptions do not leave this module: callers get ``SchemaError``.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["SchemaName", "SchemaViolation", "schema_dir", "validate"]
+__all__ = ["SchemaError", "SchemaName", "schema_dir", "validate"]
 
 SchemaName = Literal["root", "head", "snapshot", "settings"]
 _BASE = "https://schemas.resultity.io/reconciler/v1/"
 
 
-class SchemaViolation(ValueError):
+class SchemaError(ValueError):
     """A document does not match its schema; the message names the place and the rule."""
 
 
@@ -48,7 +48,7 @@ def _validator(name: SchemaName) -> Any:
 
 
 def validate(name: SchemaName, document: object) -> None:
-    """Raise ``SchemaViolation`` naming the first violation (deepest, most relevant)."""
+    """Raise ``SchemaError`` naming the first violation (deepest, most relevant)."""
     import jsonschema
 
     validator = _validator(name)
@@ -59,4 +59,4 @@ def validate(name: SchemaName, document: object) -> None:
     message = error.message
     if len(message) > 200:
         message = message[:197] + "..."
-    raise SchemaViolation(f"{where}: {message}")
+    raise SchemaError(f"{where}: {message}")
