@@ -1,0 +1,58 @@
+"""The node's local state opened as one object: settings, paths, history, roots, record.
+
+Edge module (files, git). Commands build a ``Node`` once and pass it down; nothing below the
+CLI reads settings or the environment on its own.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from reconciler.documents import format_time
+from reconciler.errors import ReconcilerError, SettingsError
+from reconciler.history import History
+from reconciler.nodestate import LastError, NodeState, load_node_state, save_node_state
+from reconciler.paths import NodePaths
+from reconciler.roots import RootChain
+from reconciler.settings import Settings
+
+__all__ = ["Node"]
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        if settings.network is None:
+            raise SettingsError("no network configured (run `reconcile init`)")
+        self.settings = settings
+        self.network: str = settings.network
+        self.paths = NodePaths(Path(settings.state_dir))
+        self._history: History | None = None
+        self.roots = RootChain(self.paths.state_dir / "roots", network=self.network)
+        self.state: NodeState = load_node_state(self.paths.node_state)
+
+    @property
+    def history(self) -> History:
+        if self._history is None:
+            self._history = History.open(self.paths.repo)
+        return self._history
+
+    def save(self, state: NodeState) -> None:
+        save_node_state(self.paths.node_state, state)
+        self.state = state
+
+    def record_error(self, kind: str, error: ReconcilerError) -> None:
+        entry = LastError(at=format_time(time.time()), kind=kind, message=error.one_line())
+        state = self.state.with_error(entry)
+        if kind == "rejected":
+            state = replace(state, last_rejection=entry)
+        self.save(state)
+
+    def floor(self) -> tuple[int, str | None]:
+        """The anti-rollback floor: the higher of the record and the git ref's serial."""
+        serial, digest = self.state.last_serial, self.state.last_digest
+        accepted = self.history.accepted_floor()
+        if accepted is not None and accepted.serial > serial:
+            serial, digest = accepted.serial, accepted.digest
+        return serial, digest
