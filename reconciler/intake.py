@@ -127,6 +127,9 @@ def _fetch(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> Fe
             last_head_expires=format_time(head.expires),
             head_etag=answer.etag,
             expected_head=history.head_oid() if status == "new" else node.state.expected_head,
+            waiting=(*node.state.waiting, head.config_digest)
+            if status == "waiting" and head.config_digest not in node.state.waiting
+            else node.state.waiting,
         )
     )
     if status == "new":

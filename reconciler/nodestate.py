@@ -36,6 +36,7 @@ class NodeState:
     hold: bool = False
     hold_reason: str | None = None
     quarantined: tuple[str, ...] = ()
+    waiting: tuple[str, ...] = ()  # stored digests that could not become HEAD yet
     applied_digest: str | None = None
     applied_serial: int | None = None
     applied_at: str | None = None
@@ -60,7 +61,7 @@ def load_node_state(path: Path) -> NodeState:
     except FileNotFoundError:
         return NodeState()
     known = {k: v for k, v in raw.items() if k in NodeState.__dataclass_fields__}
-    for key in ("quarantined", "applied_history"):
+    for key in ("quarantined", "applied_history", "waiting"):
         if key in known:
             known[key] = tuple(known[key])
     for key in ("last_error", "last_rejection"):

@@ -135,13 +135,14 @@ def load_settings(
     config: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    allow_missing: bool = False,
 ) -> Settings:
     """Merge default < file < ``RECONCILER_*`` env < flags, validating each layer."""
     environ = os.environ if environ is None else environ
     path, required = config_path(config)
     merged: dict[str, Any] = {}
     for source, layer in (
-        (str(path), _read_file(path, required=required)),
+        (str(path), _read_file(path, required=required and not allow_missing)),
         ("environment", _from_env(environ)),
         ("command line", {k: v for k, v in (overrides or {}).items() if v is not None}),
     ):

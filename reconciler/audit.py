@@ -1,0 +1,121 @@
+"""``reconcile verify``: re-check what is on disk against what was signed.
+
+Edge module (reads git, files). Every commit reachable from HEAD, ``main`` and the snapshot refs
+is re-verified against the root that accepted it (``Root-Version``), ignoring expiry and
+serial (contract §3); every receipt against ``node.pub``; every installed model file's hash
+(via the model store, when there is one). It reports each problem; it repairs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from reconciler.errors import HistoryError, RejectedError
+from reconciler.node import Node
+from reconciler.trust import reverify_snapshot
+
+__all__ = ["Finding", "VerifyReport", "verify_history", "verify_node", "verify_receipts"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    what: str  # commit, receipt, model file
+    message: str
+
+
+def _reachable(node: Node) -> list[str]:
+    history = node.history
+    seen: list[str] = []
+    starts = [history.head_oid(), history.main_tip(), *history.snapshot_refs().values()]
+    for start in starts:
+        if start is None:
+            continue
+        for info in history.log(start):
+            if info.oid in seen:
+                break
+            seen.append(info.oid)
+    return seen
+
+
+def verify_history(node: Node) -> tuple[int, list[Finding]]:
+    """(commits checked, problems)."""
+    findings: list[Finding] = []
+    commits = 0
+    try:
+        oids = _reachable(node)
+    except HistoryError as exc:
+        return 0, [Finding("history", exc.one_line())]
+    for oid in oids:
+        commits += 1
+        try:
+            info = node.history.info(oid)
+            payload, envelope = node.history.blobs(oid)
+            root = node.roots.version(info.root_version).root
+            verified = reverify_snapshot(
+                root,
+                envelope_bytes=envelope,
+                payload_bytes=payload,
+                digest=info.digest,
+                network=node.network,
+            )
+            if verified.snapshot.serial != info.serial:
+                raise RejectedError(f"commit {oid[:12]}", "Serial trailer differs from the payload")
+        except (HistoryError, RejectedError) as exc:
+            findings.append(Finding(f"commit {oid[:12]}", exc.one_line()))
+    return commits, findings
+
+
+def verify_receipts(node: Node) -> tuple[int, list[Finding]]:
+    """(receipts checked, problems): each note line must be signed by this node's key."""
+    from reconciler.envelope import (
+        RECEIPT_TYPE,
+        EnvelopeError,
+        keyid_of,
+        parse_envelope,
+        valid_keyids,
+    )
+
+    findings: list[Finding] = []
+    try:
+        public = bytes.fromhex(node.paths.node_pub.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        return 0, [Finding("receipts", f"cannot read {node.paths.node_pub}")]
+    trusted = {keyid_of(public): public}
+    count = 0
+    for oid in node.history.noted_commits():
+        for number, line in enumerate(node.history.notes(oid), start=1):
+            count += 1
+            where = f"receipt {number} on {oid[:12]}"
+            try:
+                envelope = parse_envelope(line.encode("utf-8"))
+            except EnvelopeError as exc:
+                findings.append(Finding(where, f"not an envelope: {exc}"))
+                continue
+            if envelope.payload_type != RECEIPT_TYPE or not valid_keyids(envelope, trusted):
+                findings.append(Finding(where, "not signed by this node's key"))
+                continue
+            try:
+                body = json.loads(envelope.payload)
+            except ValueError:
+                findings.append(Finding(where, "payload is not JSON"))
+                continue
+            info = node.history.info(oid)
+            if body.get("config_digest") != info.digest:
+                findings.append(Finding(where, "names another snapshot than its commit"))
+    return count, findings
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    findings: list[Finding]
+    summary: str
+
+
+def verify_node(node: Node) -> VerifyReport:
+    commits, findings = verify_history(node)
+    receipts, receipt_findings = verify_receipts(node)
+    findings.extend(receipt_findings)
+    summary = f"checked {commits} commit(s), {receipts} receipt(s): "
+    summary += f"{len(findings)} problem(s)" if findings else "all good"
+    return VerifyReport(findings=findings, summary=summary)

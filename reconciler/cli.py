@@ -1,0 +1,309 @@
+"""The ``reconcile`` command (contract §6): parse arguments, call the workflow, map errors.
+
+The CLI is the outermost layer: it builds ``Settings`` and a ``Node``, calls one workflow
+function, prints one line (or one JSON object) and exits with the contract's code. Project
+errors become ``reconcile: <one line>`` on stderr; nothing else is caught here, so a bug
+still shows its traceback. Heavy modules are imported inside the commands that need them:
+``reconcile --version`` and ``status`` must start fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from reconciler import __version__
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+__all__ = ["main"]
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"reconcile: {message}", err=True)
+    sys.exit(code)
+
+
+def _mapped(func: F) -> F:
+    """Turn the project's own errors into one line and the contract's exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from reconciler.errors import ReconcilerError
+
+        try:
+            return func(*args, **kwargs)
+        except ReconcilerError as exc:
+            _fail(exc.one_line(), exc.exit_code)
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _Context:
+    def __init__(self, config: str | None, overrides: dict[str, Any]) -> None:
+        self.config = config
+        self.overrides = overrides
+
+    def settings(self, **more: Any) -> Any:
+        from reconciler.settings import load_settings
+
+        return load_settings(config=self.config, overrides={**self.overrides, **more})
+
+    def node(self) -> Any:
+        from reconciler.node import Node
+
+        return Node(self.settings())
+
+
+pass_ctx = click.make_pass_decorator(_Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="reconcile")
+@click.option("--config", "config", metavar="FILE", help="Settings file (env RECONCILER_CONFIG).")
+@click.option("--state-dir", metavar="DIR", help="State folder (env RECONCILER_STATE_DIR).")
+@click.option("--podman-url", metavar="URL", help="Podman API (env CONTAINER_HOST).")
+@click.option("--hooks-dir", metavar="DIR", help="Folder of pre-apply/post-apply hooks.")
+@click.option("--log-format", type=click.Choice(["human", "json"]), help="Log line format.")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    config: str | None,
+    state_dir: str | None,
+    podman_url: str | None,
+    hooks_dir: str | None,
+    log_format: str | None,
+) -> None:
+    """Keep this node on the network's signed configuration snapshot."""
+    ctx.obj = _Context(
+        config,
+        {
+            "state_dir": state_dir,
+            "podman_url": podman_url,
+            "hooks_dir": hooks_dir,
+            "log_format": log_format,
+        },
+    )
+
+
+# ---- node commands ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--origin", required=True, help="Base URL of the origin (http, https or file).")
+@click.option(
+    "--root",
+    "root_file",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Trusted root envelope.",
+)
+@click.option(
+    "--network", type=click.Choice(["testnet", "mainnet"]), help="Defaults to the root's."
+)
+@pass_ctx
+@_mapped
+def init(ctx: _Context, origin: str, root_file: str, network: str | None) -> None:
+    """Write the settings, create the state repository and the node key."""
+    from reconciler.provision import initialise
+
+    settings_path, summary = initialise(
+        config=ctx.config,
+        overrides=ctx.overrides,
+        origin=origin,
+        root_file=Path(root_file),
+        network=network,
+    )
+    click.echo(
+        f"initialised {summary.state_dir} (network {summary.network}, root v{summary.root_version})"
+    )
+    click.echo(f"settings    {settings_path}")
+    click.echo(f"node key    {summary.public_key}")
+
+
+@cli.command()
+@pass_ctx
+@_mapped
+def fetch(ctx: _Context) -> None:
+    """Poll the origin once; store a new verified snapshot; apply nothing."""
+    from reconciler.intake import fetch as do_fetch
+    from reconciler.lock import state_lock
+
+    node = ctx.node()
+    with state_lock(node.paths.lock, wait_s=30):
+        result = do_fetch(node)
+    click.echo(result.message)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@pass_ctx
+@_mapped
+def status(ctx: _Context, as_json: bool) -> None:
+    """HEAD, applied, converged, hold, waiting, quarantined, stale, last error, models."""
+    from reconciler.report import format_status, status_report
+
+    report = status_report(ctx.node())
+    click.echo(json.dumps(report, sort_keys=True) if as_json else format_status(report))
+
+
+@cli.command()
+@click.option("-n", "--limit", type=int, default=None, help="Show at most N entries.")
+@pass_ctx
+@_mapped
+def log(ctx: _Context, limit: int | None) -> None:
+    """The audit trail in brief (git log in the state folder has it all)."""
+    from reconciler.report import format_log
+
+    click.echo(format_log(ctx.node(), limit=limit))
+
+
+@cli.command()
+@pass_ctx
+@_mapped
+def verify(ctx: _Context) -> None:
+    """Re-check every commit's signatures and digests, every receipt, every model file."""
+    from reconciler.audit import verify_node
+
+    report = verify_node(ctx.node())
+    for finding in report.findings:
+        click.echo(f"BAD  {finding.what}: {finding.message}")
+    click.echo(report.summary)
+    if report.findings:
+        sys.exit(1)
+
+
+# ---- network operator's commands --------------------------------------------------------
+
+
+@cli.command()
+@click.argument("name", type=click.Path(dir_okay=False))
+@_mapped
+def keygen(name: str) -> None:
+    """Make an Ed25519 key pair NAME.key (0600) and NAME.pub; print its key id."""
+    from reconciler.envelope import keyid_of
+    from reconciler.keys import generate_key
+
+    base = Path(name)
+    key = generate_key(base.with_suffix(".key"), base.with_suffix(".pub"))
+    click.echo(f"{keyid_of(bytes(key.verify_key))}  {base.with_suffix('.key')}")
+
+
+def _signers(paths: tuple[str, ...]) -> list[Any]:
+    from reconciler.keys import read_private_key
+
+    return [read_private_key(Path(p)) for p in paths]
+
+
+@cli.command()
+@click.option("--version", "version", type=int, required=True, help="Root version N.")
+@click.option("--network", type=click.Choice(["testnet", "mainnet"]), required=True)
+@click.option("--threshold", type=int, required=True, help="Signatures needed (k of n).")
+@click.option(
+    "--public", "publics", multiple=True, required=True, help="A trusted key (.pub or .key)."
+)
+@click.option("--key", "keys", multiple=True, help="Sign with this private key (repeat).")
+@click.option("--expires-in", default="365d", show_default=True, help="e.g. 90d, 12h.")
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="Where to write root N."
+)
+@_mapped
+def root(
+    version: int,
+    network: str,
+    threshold: int,
+    publics: tuple[str, ...],
+    keys: tuple[str, ...],
+    expires_in: str,
+    out: str,
+) -> None:
+    """Make root N from a key list and threshold (sign with old and new keys to rotate)."""
+    from reconciler.atomic import write_atomic
+    from reconciler.keys import read_public_key
+    from reconciler.publish import make_root, parse_duration
+
+    envelope = make_root(
+        version=version,
+        network=network,
+        threshold=threshold,
+        public_keys=[read_public_key(Path(p)) for p in publics],
+        expires=int(time.time()) + parse_duration(expires_in),
+        signers=_signers(keys),
+    )
+    write_atomic(Path(out), envelope)
+    click.echo(f"wrote root {version} ({len(publics)} keys, threshold {threshold}) to {out}")
+
+
+@cli.command()
+@click.option("--key", "key", required=True, help="This key holder's private key.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write here instead of in place.")
+@click.argument("envelope", type=click.Path(exists=True, dir_okay=False))
+@_mapped
+def sign(key: str, out: str | None, envelope: str) -> None:
+    """Add one signature to an envelope (k-of-n signing without a shared key file)."""
+    from reconciler.atomic import write_atomic
+    from reconciler.envelope import EnvelopeError, add_signature
+    from reconciler.errors import SettingsError
+
+    try:
+        signed = add_signature(Path(envelope).read_bytes(), _signers((key,))[0])
+    except EnvelopeError as exc:
+        raise SettingsError(f"{envelope}: {exc}") from exc
+    write_atomic(Path(out or envelope), signed)
+    click.echo(f"signed {out or envelope}")
+
+
+@cli.command()
+@click.option(
+    "--origin", "origin_dir", required=True, type=click.Path(file_okay=False), help="Origin folder."
+)
+@click.option("--key", "keys", multiple=True, required=True, help="Sign with this key (repeat).")
+@click.option("--expires-in", default="7d", show_default=True, help="Lifetime of head.json.")
+@click.option("--refresh-head", is_flag=True, help="Only re-sign head.json with a later expires.")
+@click.argument("snapshot", required=False, type=click.Path(exists=True, dir_okay=False))
+@_mapped
+def publish(
+    origin_dir: str,
+    keys: tuple[str, ...],
+    expires_in: str,
+    refresh_head: bool,
+    snapshot: str | None,
+) -> None:
+    """Sign SNAPSHOT (JSON) into ORIGIN as snapshots/<hex>.json and head.json."""
+    from reconciler.documents import JsonError, loads_strict
+    from reconciler.errors import SettingsError
+    from reconciler.publish import parse_duration, publish_snapshot
+    from reconciler.publish import refresh_head as do_refresh
+
+    lifetime = parse_duration(expires_in)
+    signers = _signers(keys)
+    if refresh_head:
+        result = do_refresh(
+            Path(origin_dir), signers=signers, now=time.time(), expires_in_s=lifetime
+        )
+        click.echo(f"head.json re-signed: serial {result.serial}, expires {result.head_expires}")
+        return
+    if snapshot is None:
+        raise SettingsError("give a SNAPSHOT file, or --refresh-head")
+    try:
+        document = loads_strict(Path(snapshot).read_bytes())
+    except JsonError as exc:
+        raise SettingsError(f"{snapshot}: {exc}") from exc
+    if not isinstance(document, dict):
+        raise SettingsError(f"{snapshot}: not a JSON object")
+    result = publish_snapshot(
+        Path(origin_dir), document, signers=signers, now=time.time(), expires_in_s=lifetime
+    )
+    click.echo(f"published serial {result.serial} {result.digest}")
+
+
+def main() -> None:
+    cli(prog_name="reconcile")
