@@ -6,11 +6,12 @@ CLI reads settings or the environment on its own.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from reconciler.documents import format_time
+from reconciler.documents import Ttl, format_time
 from reconciler.errors import ReconcilerError, SettingsError
 from reconciler.history import History
 from reconciler.nodestate import LastError, NodeState, load_node_state, save_node_state
@@ -48,6 +49,17 @@ class Node:
         if kind == "rejected":
             state = replace(state, last_rejection=entry)
         self.save(state)
+
+    def head_ttl(self) -> Ttl | None:
+        """The ``ttl`` of HEAD's snapshot (timers of the watch loop), if there is a HEAD."""
+        oid = self.history.head_oid()
+        if oid is None:
+            return None
+        try:
+            payload, _ = self.history.blobs(oid)
+            return Ttl(**json.loads(payload)["ttl"])
+        except (ReconcilerError, ValueError, KeyError, TypeError):
+            return None
 
     def floor(self) -> tuple[int, str | None]:
         """The anti-rollback floor: the higher of the record and the git ref's serial."""
