@@ -1,1 +1,348 @@
-"""Fixtures (placeholder; filled in by its owner)."""
+"""A private Podman service, a loopback image registry and tiny test images.
+
+Session fixtures (all skip, with the reason, when the podman binary is not installed):
+
+* ``registry``: ``docker-registry serve`` on 127.0.0.1:<free port>, storage in a temp folder;
+  yields a ``Registry`` (``.host`` = ``127.0.0.1:PORT``, ``.url``).
+* ``podman_service``: ``podman system service --time=0 unix://<tmp>/podman.sock`` with its own
+  containers.conf, storage.conf and registries.conf (``tests/support/podman_env/``, rendered
+  into the temp folder), so the machine's own containers, images, networks and locks are never
+  touched; yields a ``PodmanService`` (``.url``, ``.env``, ``.cli(...)``). At the end every
+  container and network it made is removed and the service's process group is killed.
+* ``test_images``: small images built from busybox-static with ``podman import``, pushed to
+  the registry and then deleted locally (so applying really pulls); yields
+  ``{name: "127.0.0.1:PORT/reconciler/<name>@sha256:<hex>"}`` for the names in ``IMAGES``.
+
+Function fixture ``podman_clean``: the service, with every container removed after the test.
+
+Also ``snapshot_payload()`` / ``build_snapshot()``: schema-valid snapshot documents for tests.
+
+Sandbox notes: crun cannot run containers here (runc is used), Podman runs no health timers
+(no systemd), and a port published through netavark may not answer on 127.0.0.1, so tests
+probe a container through its own IP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconciler.documents import Snapshot
+from reconciler.schema import validate
+
+ENV_TEMPLATES = Path(__file__).resolve().parent / "podman_env"
+ZERO_DIGEST = "sha256:" + "0" * 64
+
+_TERM_FAST = "trap 'exit 0' TERM"
+# name → (command baked into the image, content of /www/index.html)
+IMAGES: dict[str, tuple[str, str]] = {
+    # An HTTP server on 8080 that answers with its version; exits at once on SIGTERM.
+    "web": (f"{_TERM_FAST}; httpd -f -p 8080 -h /www & wait", "web v1\n"),
+    "web2": (f"{_TERM_FAST}; httpd -f -p 8080 -h /www & wait", "web v2\n"),
+    # Records each SIGHUP in /tmp/hups; otherwise idles.
+    "sleeper": (
+        f"{_TERM_FAST}; trap 'date +%s >> /tmp/hups' HUP; while :; do sleep 0.2; done",
+        "sleeper\n",
+    ),
+}
+_APPLETS = ("sh", "cat", "echo", "sleep", "httpd", "wget", "ls", "test", "true", "false")
+_APPLETS += ("kill", "date", "touch", "mkdir", "rm", "env", "grep")
+
+
+# --- snapshot documents ---------------------------------------------------------------------
+
+
+def snapshot_payload(
+    *,
+    runtimes: Sequence[dict[str, Any]] = (),
+    models: Sequence[tuple[str, str]] = (),
+    jobs: dict[str, int] | None = None,
+    serial: int = 1,
+) -> dict[str, Any]:
+    """A snapshot payload with the given runtimes and (name, version) models, one file each."""
+    return {
+        "network": "testnet",
+        "serial": serial,
+        "issued_at": "2024-01-01T00:00:00Z",
+        "expires": "2099-01-01T00:00:00Z",
+        "models": [
+            {
+                "name": name,
+                "version": version,
+                "files": [{"path": "weights.bin", "size": 1, "digest": ZERO_DIGEST, "urls": ["x"]}],
+            }
+            for name, version in models
+        ],
+        "runtimes": list(runtimes),
+        "jobs": jobs or {"max_tokens": 256, "max_queue": 4, "timeout_s": 30},
+        "participation": {"modes": ["testnet"], "subclouds": []},
+        "ttl": {
+            "poll_s": 60,
+            "heartbeat_s": 60,
+            "retry_min_s": 1,
+            "retry_max_s": 60,
+            "cache_s": 60,
+        },
+        "updates": {
+            "agent": {"version": "1.0.0", "digest": ZERO_DIGEST},
+            "runtime": {"version": "1.0.0", "digest": ZERO_DIGEST},
+        },
+    }
+
+
+def build_snapshot(*, schema: bool = True, **kwargs: Any) -> Snapshot:
+    """``snapshot_payload(**kwargs)`` parsed; checked against the schema unless told not to."""
+    payload = snapshot_payload(**kwargs)
+    if schema:
+        validate("snapshot", payload)
+    return Snapshot.from_payload(payload)
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _render(template: str, target: Path, **values: str) -> Path:
+    text = (ENV_TEMPLATES / template).read_text(encoding="utf-8")
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    target.write_text(text, encoding="utf-8")
+    return target
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _wait_until(ready: Any, *, what: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        if ready():
+            return
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+    _stop_group(process)
+    raise RuntimeError(f"{what} did not come up: {tail}")
+
+
+def _require_podman() -> str:
+    podman = shutil.which("podman")
+    if podman is None:
+        pytest.skip("podman is not installed: container tests need a real Podman service")
+    return podman
+
+
+@dataclass(frozen=True)
+class Registry:
+    host: str  # 127.0.0.1:PORT
+    folder: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+
+@dataclass(frozen=True)
+class PodmanService:
+    url: str  # unix:///…/podman.sock
+    env: dict[str, str]  # for `podman --url …` commands run by tests
+    folder: Path
+
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``podman --url <service> ARGS`` (the remote client, never the local storage)."""
+        return subprocess.run(
+            ["podman", "--url", self.url, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+        )
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    _require_podman()
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry is not installed: image pulls need a loopback registry")
+    folder = tmp_path_factory.mktemp("registry")
+    host = f"127.0.0.1:{_free_port()}"
+    config = _render("registry.yml", folder / "config.yml", TMP=str(folder), REGISTRY=host)
+    log = folder / "registry.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            ["docker-registry", "serve", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{host}/v2/", timeout=1) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    _wait_until(answers, what="docker-registry", process=process, log=log)
+    try:
+        yield Registry(host=host, folder=folder)
+    finally:
+        _stop_group(process)
+
+
+@pytest.fixture(scope="session")
+def podman_service(
+    tmp_path_factory: pytest.TempPathFactory, registry: Registry
+) -> Iterator[PodmanService]:
+    _require_podman()
+    # Short: a unix socket path must fit in 108 bytes.
+    folder = tmp_path_factory.mktemp("podman")
+    for sub in ("libpod-tmp", "image-copy", "networks"):
+        (folder / sub).mkdir()
+    env = dict(os.environ)
+    env.update(
+        CONTAINERS_CONF=str(
+            _render("containers.conf", folder / "containers.conf", TMP=str(folder))
+        ),
+        CONTAINERS_STORAGE_CONF=str(
+            _render("storage.conf", folder / "storage.conf", TMP=str(folder))
+        ),
+        CONTAINERS_REGISTRIES_CONF=str(
+            _render("registries.conf", folder / "registries.conf", REGISTRY=registry.host)
+        ),
+    )
+    # A CONTAINER_HOST inherited from the developer's shell would send CLI calls elsewhere.
+    env.pop("CONTAINER_HOST", None)
+    sock = folder / "podman.sock"
+    url = f"unix://{sock}"
+    log = folder / "service.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            ["podman", "system", "service", "--time=0", url],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def answers() -> bool:
+        if not sock.exists():
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(sock))
+            except OSError:
+                return False
+        return True
+
+    _wait_until(answers, what="podman system service", process=process, log=log)
+    service = PodmanService(url=url, env=env, folder=folder)
+    try:
+        yield service
+    finally:
+        # Containers run under conmon, outside the service's process group: remove them
+        # through the API first, then the networks they used, then stop the service.
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            service.cli("rm", "--all", "--force", "--time", "0", check=False)
+            service.cli("network", "prune", "--force", check=False)
+        _stop_group(process)
+
+
+@pytest.fixture
+def podman_clean(podman_service: PodmanService) -> Iterator[PodmanService]:
+    """The Podman service; every container (managed or not) is removed after the test."""
+    yield podman_service
+    podman_service.cli("rm", "--all", "--force", "--time", "0", check=False)
+
+
+def _rootfs_tar(folder: Path, *, command_index: str) -> Path:
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    if not Path(busybox).is_file():
+        pytest.skip("busybox(-static) is not installed: test images are built from it")
+    root = folder / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    (root / "www").mkdir()
+    (root / "tmp").mkdir()
+    shutil.copy2(busybox, root / "bin" / "busybox")
+    for applet in _APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "www" / "index.html").write_text(command_index, encoding="utf-8")
+    tar = folder / "rootfs.tar"
+    with tarfile.open(tar, "w") as archive:
+        archive.add(root, arcname=".")
+    return tar
+
+
+def _manifest_digest(registry: Registry, repository: str, tag: str) -> str:
+    request = urllib.request.Request(
+        f"{registry.url}/v2/{repository}/manifests/{tag}",
+        method="HEAD",
+        headers={
+            "Accept": ", ".join(
+                [
+                    "application/vnd.oci.image.manifest.v1+json",
+                    "application/vnd.docker.distribution.manifest.v2+json",
+                ]
+            )
+        },
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        digest = response.headers["Docker-Content-Digest"]
+    if not digest or not digest.startswith("sha256:"):
+        raise RuntimeError(f"registry gave no digest for {repository}:{tag}")
+    return str(digest)
+
+
+@pytest.fixture(scope="session")
+def test_images(
+    tmp_path_factory: pytest.TempPathFactory, podman_service: PodmanService, registry: Registry
+) -> dict[str, str]:
+    pinned: dict[str, str] = {}
+    for name, (command, index) in IMAGES.items():
+        folder = tmp_path_factory.mktemp(f"image-{name}")
+        tar = _rootfs_tar(folder, command_index=index)
+        local = f"localhost/reconciler-test/{name}:v1"
+        remote = f"{registry.host}/reconciler/{name}:v1"
+        podman_service.cli(
+            "import", "--change", "CMD " + json.dumps(["sh", "-c", command]), str(tar), local
+        )
+        podman_service.cli("push", "--tls-verify=false", local, remote)
+        digest = _manifest_digest(registry, f"reconciler/{name}", "v1")
+        pinned[name] = f"{registry.host}/reconciler/{name}@{digest}"
+        # Gone from local storage, so the first apply has to pull it from the registry.
+        podman_service.cli("rmi", "--force", local)
+    return pinned
