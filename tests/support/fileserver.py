@@ -60,6 +60,7 @@ class Fault:
     declared_length: int | None = None  # a Content-Length that lies about the body
     ignore_range: bool = False  # answer a Range request with 200 and the whole body
     range_shift: int = 0  # answer a Range request with a 206 starting this far off
+    headers: tuple[tuple[str, str], ...] = ()  # extra response headers (name, value)
     times: int | None = None  # applies to this many requests, then disappears
 
 
@@ -69,6 +70,7 @@ class FaultTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._faults: dict[str, Fault] = {}
+        self._queued: dict[str, list[Fault]] = {}
 
     def set(self, path: str, fault: Fault | None = None, **fields: Any) -> None:
         """``set("/a", Fault(status=404))`` or ``set("/a", status=404)``."""
@@ -76,16 +78,28 @@ class FaultTable:
         with self._lock:
             self._faults[_normal_path(path)] = chosen
 
+    def queue(self, path: str, *faults: Fault) -> None:
+        """One fault per coming request on ``path``, in order (``Fault()`` = behave); once
+        they are used up, whatever ``set`` put there applies again."""
+        with self._lock:
+            self._queued.setdefault(_normal_path(path), []).extend(faults)
+
     def clear(self, path: str | None = None) -> None:
         with self._lock:
             if path is None:
                 self._faults.clear()
+                self._queued.clear()
             else:
                 self._faults.pop(_normal_path(path), None)
+                self._queued.pop(_normal_path(path), None)
 
     def take(self, path: str) -> Fault | None:
-        """The fault for one request on ``path``, counting down its ``times``."""
+        """The fault for one request on ``path``: the next queued one, else the one set
+        (counting down its ``times``)."""
         with self._lock:
+            queued = self._queued.get(path)
+            if queued:
+                return queued.pop(0)
             fault = self._faults.get(path)
             if fault is None or fault.times is None:
                 return fault
@@ -244,6 +258,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(fault.declared_length))
         elif fault.send_length and not fault.endless:
             self.send_header("Content-Length", str(end - start))
+        for name, value in fault.headers:
+            self.send_header(name, value)
         if close:
             # A misbehaving answer must not leave bytes behind for the next request.
             self.send_header("Connection", "close")
