@@ -110,7 +110,7 @@ def test_every_container_gets_the_runtime_folder_even_without_models() -> None:
 def test_network_only_when_ports_are_given(
     ports: list[dict[str, Any]], network: str | None, published: tuple[PortMapping, ...]
 ) -> None:
-    fields = {"ports": ports} if ports else {}
+    fields: dict[str, Any] = {"ports": ports} if ports else {}
     spec = one_spec(**fields)
     assert spec.network == network
     assert spec.ports == published

@@ -60,8 +60,8 @@ IMAGES: dict[str, tuple[str, str]] = {
         "sleeper\n",
     ),
 }
-_APPLETS = ("sh", "cat", "echo", "sleep", "httpd", "wget", "ls", "test", "true", "false")
-_APPLETS += ("kill", "date", "touch", "mkdir", "rm", "env", "grep")
+_APPLETS: tuple[str, ...] = ("sh", "cat", "echo", "sleep", "httpd", "wget", "ls", "test")
+_APPLETS += ("true", "false", "kill", "date", "touch", "mkdir", "rm", "env", "grep")
 
 
 # --- snapshot documents ---------------------------------------------------------------------
@@ -141,6 +141,25 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+
+
+def _kill_leftovers(folder: Path) -> None:
+    """SIGKILL processes whose command line names ``folder`` (only this service's own).
+
+    conmon outlives the service: it monitors containers, and for exec sessions (every health
+    probe, every ``podman exec``) it lingers 300 s after the command ended.
+    """
+    marker = (str(folder) + "/").encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in cmdline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def _wait_until(ready: Any, *, what: str, process: subprocess.Popen[bytes], log: Path) -> None:
@@ -280,6 +299,7 @@ def podman_service(
             service.cli("rm", "--all", "--force", "--time", "0", check=False)
             service.cli("network", "prune", "--force", check=False)
         _stop_group(process)
+        _kill_leftovers(folder)
 
 
 @pytest.fixture
