@@ -28,7 +28,6 @@ from reconciler.errors import OriginUnreachableError, RejectedError
 __all__ = ["MAX_REDIRECTS", "Origin", "OriginResponse"]
 
 MAX_REDIRECTS = 5
-_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,9 @@ class Origin:
     ) -> bytes:
         chunks: list[bytes] = []
         received = 0
-        for chunk in response.iter_raw(_CHUNK):
+        # No chunk size: httpx would otherwise buffer until a whole chunk arrived, and a
+        # server trickling a small document would never reach the deadline check.
+        for chunk in response.iter_raw():
             received += len(chunk)
             if received > max_bytes:
                 raise RejectedError(path, f"larger than the {max_bytes}-byte limit")
