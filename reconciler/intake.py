@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from reconciler.documents import format_time
+from reconciler.documents import Root, format_time
 from reconciler.errors import OriginUnreachableError, RejectedError
 from reconciler.history import StoredSnapshot
 from reconciler.node import Node
@@ -23,13 +23,17 @@ from reconciler.origin import Origin
 from reconciler.trust import (
     DEFAULT_LIMITS,
     TrustLimits,
+    VerifiedRoot,
     check_root_fresh,
+    check_stored_snapshot,
     verify_head,
     verify_next_root,
     verify_snapshot,
 )
 
 __all__ = ["FetchResult", "fetch"]
+
+_FETCH_ERRORS = frozenset({"rejected", "unreachable"})  # kinds `fetch` itself records
 
 
 @dataclass(frozen=True)
@@ -40,15 +44,26 @@ class FetchResult:
     message: str
 
 
-def _walk_roots(node: Node, origin: Origin, limits: TrustLimits) -> None:
+def _walk_roots(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> Root:
+    """Follow root N+1, N+2, … and return the newest trusted root.
+
+    The new roots are persisted only once the walk ends in an unexpired root: a chain that
+    fails leaves the trusted roots as they were (contract §3: nothing changes), so a root the
+    network re-publishes with a later ``expires`` is fetched again.
+    """
     current = node.roots.newest()
+    walked: list[VerifiedRoot] = []
     for _ in range(limits.max_root_walk):
         path = f"root/{current.root.version + 1}.json"
         answer = origin.get(path, max_bytes=limits.root_max_bytes, missing_ok=True)
         if answer.status == 404:
-            return
+            break
         current = verify_next_root(current.root, answer.body, network=node.network, limits=limits)
-        node.roots.accept(current)
+        walked.append(current)
+    check_root_fresh(current.root, now=now, limits=limits)
+    for verified in walked:
+        node.roots.accept(verified)
+    return current.root
 
 
 def fetch(
@@ -71,9 +86,7 @@ def fetch(
 
 
 def _fetch(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> FetchResult:
-    _walk_roots(node, origin, limits)
-    root = node.roots.newest().root
-    check_root_fresh(root, now=now, limits=limits)
+    root = _walk_roots(node, origin, now=now, limits=limits)
     state = node.state
     history = node.history
     known_etag = (
@@ -118,6 +131,7 @@ def _fetch(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> Fe
         )
         status = "new" if advance else "waiting"
     else:
+        check_stored_snapshot(head, stored_serial=history.info(existing).serial)
         status = "current"
     node.save(
         replace(
@@ -143,7 +157,16 @@ def _fetch(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> Fe
 
 
 def _succeeded(node: Node, *, now: float) -> NodeState:
-    return replace(node.state, last_fetch_ok_at=format_time(now), last_rejection=None)
+    """A fetch that worked clears what the last failed fetch recorded (not apply errors)."""
+    last_error = node.state.last_error
+    if last_error is not None and last_error.kind in _FETCH_ERRORS:
+        last_error = None
+    return replace(
+        node.state,
+        last_fetch_ok_at=format_time(now),
+        last_rejection=None,
+        last_error=last_error,
+    )
 
 
 def note_moved_head(node: Node) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "VerifiedRoot",
     "VerifiedSnapshot",
     "check_root_fresh",
+    "check_stored_snapshot",
     "reverify_snapshot",
     "verify_head",
     "verify_initial_root",
@@ -255,6 +256,19 @@ def verify_snapshot(
         signed_by=signed_by,
         root_version=root.version,
     )
+
+
+def check_stored_snapshot(head: Head, *, stored_serial: int) -> None:
+    """A head naming a snapshot already in the history: the serials must still agree (§3.8).
+
+    The snapshot is not fetched again, but a head may not pair a known digest with another
+    serial: that would raise the anti-rollback floor to a serial no snapshot carries.
+    """
+    if stored_serial != head.serial:
+        document = f"snapshots/{head.config_digest.removeprefix('sha256:')}.json"
+        raise RejectedError(
+            document, f"serial {stored_serial} differs from head.json's {head.serial}"
+        )
 
 
 def reverify_snapshot(
