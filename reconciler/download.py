@@ -106,7 +106,7 @@ def download_file(
     label: str | None = None,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-    cancel: threading.Event | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> None:
     """Make ``dest_partial`` hold exactly the ``size`` bytes whose SHA-256 is ``digest``.
 
@@ -114,6 +114,8 @@ def download_file(
     when bytes are thrown away (a mirror ignored ``Range``). An existing partial file is
     resumed. On success the file is complete, verified and fsync'ed; on a digest or size
     mismatch it is deleted; on a transport failure it is kept for the next attempt.
+    ``should_stop`` is polled after every network read; when it returns True the download
+    ends with ``DownloadError`` (partial kept).
     """
     match = _DIGEST.match(digest)
     if match is None:
@@ -129,7 +131,7 @@ def download_file(
         connect_timeout_s=connect_timeout_s,
         read_timeout_s=read_timeout_s,
         report=report,
-        cancel=cancel,
+        should_stop=should_stop,
     )
     try:
         partial = _Partial.open(dest_partial, size=size)
@@ -249,10 +251,10 @@ class _Attempt:
         connect_timeout_s: float,
         read_timeout_s: float,
         report: Callable[[int], None],
-        cancel: threading.Event | None,
+        should_stop: Callable[[], bool] | None,
     ) -> None:
         self.client = client
-        self.cancel = cancel
+        self.should_stop = should_stop
         self.size = size
         self.stop_at = stop_at
         self.connect_timeout_s = connect_timeout_s
@@ -261,7 +263,7 @@ class _Attempt:
         self._started = time.monotonic()
 
     def expired(self) -> bool:
-        if self.cancel is not None and self.cancel.is_set():
+        if self.should_stop is not None and self.should_stop():
             raise _CancelledError
         return time.monotonic() >= self.stop_at
 

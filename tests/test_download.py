@@ -526,7 +526,7 @@ def test_cancel_stops_a_download(
             digest=digest(payload),
             progress=None,
             deadline_s=30,
-            cancel=cancel,
+            should_stop=cancel.is_set,
         )
 
 
