@@ -410,7 +410,7 @@ class PodmanEdge:
             with self._guard(f"{where}: restarting"):
                 response = self._client.api.post(
                     f"/containers/{container_id}/restart",
-                    params={"t": self.stop_timeout_s},
+                    params=self._stop_params(),
                     timeout=self.stop_timeout_s + self.timeout_s,
                 )
             self._check_started(response, container_id, where=where, doing="restart")
@@ -513,12 +513,18 @@ class PodmanEdge:
         self._discard(container_id)
         raise SnapshotFaultError(f"{where}: container would not {doing}: {reason}")
 
+    def _stop_params(self) -> dict[str, int]:
+        # The libpod API of Podman 4 reads "timeout" for stop and restart (it ignores "t", and
+        # a restart without it kills at once); later versions read "t" for restart. Both are
+        # sent, unknown query keys are ignored.
+        return {"timeout": self.stop_timeout_s, "t": self.stop_timeout_s}
+
     def _remove(self, container_id: str, *, where: str) -> None:
         """Stop (with the stop timeout) and delete; a container already gone is fine."""
         with self._guard(f"{where}: stopping {container_id[:12]}"):
             response = self._client.api.post(
                 f"/containers/{container_id}/stop",
-                params={"timeout": self.stop_timeout_s},
+                params=self._stop_params(),
                 timeout=self.stop_timeout_s + self.timeout_s,
             )
         if int(response.status_code) not in (204, 304, 404):

@@ -174,10 +174,28 @@ def test_publishes_ports_on_loopback_through_the_reconciler_network(
         {"HostIp": "127.0.0.1", "HostPort": str(host_port)}
     ]
     assert set(info["NetworkSettings"]["Networks"]) == {"reconciler"}
+    assert fetch_index(node) == b"web v1\n"
+
+    # Stop-first with a host port: the new container is created while the old one holds the
+    # port, and only started once the old one is gone.
+    node.converge(
+        [
+            web(
+                test_images,
+                image=test_images["web2"],
+                ports=[{"container": 8080, "host": host_port}],
+            )
+        ]
+    )
+    assert fetch_index(node) == b"web v2\n"
+    assert node.names() == {"reconciler-web"}
+
+
+def fetch_index(node: Node) -> bytes:
     address = node.edge.container_ip("reconciler-web")
     assert address
     with urllib.request.urlopen(f"http://{address}:8080/index.html", timeout=5) as page:
-        assert page.read() == b"web v1\n"
+        return bytes(page.read())
 
 
 def test_replaces_container_when_image_changes(node: Node, test_images: dict[str, str]) -> None:
@@ -213,6 +231,20 @@ def test_jobs_change_restarts_container_without_replacing_it(
         json.loads(node.exec("reconciler-web", "cat", "/run/reconciler/jobs.json"))["max_queue"]
         == 9
     )
+
+
+def test_restart_notification_lets_the_runtime_stop_gracefully(
+    node: Node, test_images: dict[str, str]
+) -> None:
+    graceful = "trap 'echo stopping-gracefully; exit 0' TERM; while :; do sleep 0.2; done"
+    runtimes = [sleeper(test_images, command=["sh", "-c", graceful])]
+    node.converge(runtimes)
+
+    node.write_jobs(max_queue=1)
+    node.converge(runtimes, notify=frozenset({"sleeper"}))
+
+    logs = node.podman.cli("logs", "reconciler-sleeper").stdout
+    assert "stopping-gracefully" in logs
 
 
 def test_jobs_change_signals_container_that_asks_for_a_signal(
