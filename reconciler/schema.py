@@ -2,11 +2,19 @@
 
 Pure: reads the schema files shipped in the package once, performs no other I/O.
 jsonschema's exceptions do not leave this module: callers get ``SchemaError``.
+
+Two rules are tightened to what JSON Schema means and what other validators do:
+* ``pattern`` is an ECMA-262 regular expression, where ``$`` matches only at the end of the
+  string; Python's ``$`` also matches before a final newline, which let ``"name\n"`` through.
+* ``integer`` is a JSON number written without a fraction or exponent: ``7.0`` and ``7e0``
+  are refused, so a serial or a count is always a Python ``int`` after validation.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -43,8 +51,45 @@ def _validator(name: SchemaName) -> Any:
         resources.append((_BASE + file.name, Resource.from_contents(contents)))
     registry: Registry[Any] = Registry().with_resources(resources)
     schema = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-    cls = jsonschema.validators.validator_for(schema)
-    return cls(schema, registry=registry, format_checker=cls.FORMAT_CHECKER)
+    base = jsonschema.validators.validator_for(schema)
+    strict = jsonschema.validators.extend(  # type: ignore[no-untyped-call]  # untyped stub
+        base,
+        validators={"pattern": _pattern},
+        type_checker=base.TYPE_CHECKER.redefine("integer", _is_integer),
+    )
+    return strict(schema, registry=registry, format_checker=base.FORMAT_CHECKER)
+
+
+def _is_integer(_checker: object, instance: object) -> bool:
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+@cache
+def _compiled(pattern: str) -> re.Pattern[str]:
+    """``pattern`` with every ``$`` outside a character class anchored at the very end."""
+    out: list[str] = []
+    escaped = in_class = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "$":
+            out.append(r"\Z")
+            continue
+        out.append(char)
+    return re.compile("".join(out))
+
+
+def _pattern(validator: Any, pattern: str, instance: object, _schema: object) -> Iterator[Any]:
+    from jsonschema.exceptions import ValidationError
+
+    if validator.is_type(instance, "string") and not _compiled(pattern).search(str(instance)):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
 
 
 def validate(name: SchemaName, document: object) -> None:
