@@ -117,7 +117,10 @@ class PodmanEdge:
     ) -> None:
         self.url = url
         self.timeout_s = timeout_s  # each ordinary API call
-        self.pull_timeout_s = pull_timeout_s  # one image pull, start to finish
+        # The longest Podman may stay silent during a pull: it is a socket read timeout, and
+        # Podman reports each layer when it starts, not bytes, so one huge layer on a slow
+        # link needs a larger value.
+        self.pull_timeout_s = pull_timeout_s
         self.stop_timeout_s = stop_timeout_s  # SIGTERM → SIGKILL grace when stopping
         self.settle_s = settle_s  # how long a container without health check must stay up
         self._client = self._connect(timeout_s)
@@ -274,7 +277,9 @@ class PodmanEdge:
             body = str(response.text)
         except _THIRD_PARTY as exc:
             if _timed_out(exc):
-                raise RegistryError(f"{doing}: no answer within {self.pull_timeout_s:g} s") from exc
+                raise RegistryError(
+                    f"{doing}: Podman silent for {self.pull_timeout_s:g} s (pull_timeout_s)"
+                ) from exc
             self._raise_mapped(exc, doing)
         if status >= 400:
             raise RegistryError(f"{doing}: Podman answered {status}: {_body_reason(body)}")
