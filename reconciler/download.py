@@ -205,14 +205,16 @@ def _from_mirrors(
             except ValueError as exc:
                 failures.append(f"{shown}: {exc}")
                 continue
-            except _ContentMismatch as exc:
+            except _ContentMismatchError as exc:
                 failures.append(f"{shown}: {exc}")
                 mismatch = f"{shown}: {exc}"
                 attempt.report(-partial.length)
                 partial.restart()
                 continue
-            except _MirrorFailure as exc:
+            except _MirrorError as exc:
                 failures.append(f"{shown}: {exc}")
+                if time.monotonic() >= attempt.stop_at:
+                    return mismatch  # the reason above already says so
                 progressed = progressed or partial.length > before
                 continue
             if _finish_if_verified(partial, want, attempt.report):
@@ -227,7 +229,7 @@ def _from_mirrors(
     return mismatch
 
 
-class _MirrorFailure(Exception):  # noqa: N818 - internal signal, never leaves the module
+class _MirrorError(Exception):
     """One mirror failed; the next one is tried. The message is the reason shown to people."""
 
 
@@ -235,7 +237,7 @@ class _CancelledError(Exception):
     """The caller asked every download to stop (another one found the disk full, SIGTERM)."""
 
 
-class _ContentMismatch(_MirrorFailure):
+class _ContentMismatchError(_MirrorError):
     """The mirror serves other bytes than declared (size, range, encoding); restart from 0."""
 
 
@@ -277,9 +279,9 @@ class _Attempt:
         elif scheme == "file":
             self._fetch_file(url, partial)
         else:
-            raise _MirrorFailure(f"unsupported URL scheme {scheme!r}")
+            raise _MirrorError(f"unsupported URL scheme {scheme!r}")
         if partial.length < self.size:
-            raise _MirrorFailure(f"body ended after {partial.length} of {self.size} bytes")
+            raise _MirrorError(f"body ended after {partial.length} of {self.size} bytes")
 
     def _timeout(self) -> httpx.Timeout:
         left = max(0.001, self.stop_at - time.monotonic())
@@ -302,20 +304,20 @@ class _Attempt:
                 self._accept(response, partial, offset=offset)
                 self._receive(response, partial)
         except httpx.TimeoutException as exc:
-            raise _MirrorFailure(f"timed out ({_timeout_kind(exc)})") from exc
+            raise _MirrorError(f"timed out ({_timeout_kind(exc)})") from exc
         except httpx.TooManyRedirects as exc:
-            raise _MirrorFailure("too many redirects") from exc
+            raise _MirrorError("too many redirects") from exc
         except httpx.HTTPError as exc:
-            raise _MirrorFailure(_describe(exc)) from exc
+            raise _MirrorError(_describe(exc)) from exc
         except (httpx.InvalidURL, httpx.StreamError) as exc:
-            raise _MirrorFailure(_describe(exc)) from exc
+            raise _MirrorError(_describe(exc)) from exc
 
     def _accept(self, response: httpx.Response, partial: _Partial, *, offset: int) -> None:
         """Decide from the status and headers whether the body can extend the partial file."""
         status = response.status_code
         encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
-            raise _MirrorFailure(f"mirror sent Content-Encoding {encoding!r} despite identity")
+            raise _MirrorError(f"mirror sent Content-Encoding {encoding!r} despite identity")
         length = _content_length(response)
         if status == 200:
             if offset:
@@ -323,25 +325,27 @@ class _Attempt:
                 self.report(-offset)
                 partial.restart()
             if length is not None and length != self.size:
-                raise _ContentMismatch(f"mirror sends {length} bytes, {self.size} declared")
+                raise _ContentMismatchError(f"mirror sends {length} bytes, {self.size} declared")
             return
         if status == 206 and offset:
             found = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
             if found is None:
-                raise _MirrorFailure("206 without a usable Content-Range")
+                raise _MirrorError("206 without a usable Content-Range")
             first, last, total = int(found.group(1)), int(found.group(2)), found.group(3)
             if first != offset:
-                raise _MirrorFailure(f"206 starts at byte {first}, asked for {offset}")
+                raise _MirrorError(f"206 starts at byte {first}, asked for {offset}")
             if total != "*" and int(total) != self.size:
-                raise _ContentMismatch(f"mirror's file has {total} bytes, {self.size} declared")
+                raise _ContentMismatchError(
+                    f"mirror's file has {total} bytes, {self.size} declared"
+                )
             if last >= self.size or (length is not None and length != last - first + 1):
-                raise _ContentMismatch("206 range runs past the declared size")
+                raise _ContentMismatchError("206 range runs past the declared size")
             return
         if status == 416:
             self.report(-offset)
             partial.restart()
-            raise _MirrorFailure(f"range from byte {offset} not satisfiable; starting over")
-        raise _MirrorFailure(f"HTTP {status}")
+            raise _MirrorError(f"range from byte {offset} not satisfiable; starting over")
+        raise _MirrorError(f"HTTP {status}")
 
     def _receive(self, response: httpx.Response, partial: _Partial) -> None:
         # iter_raw() without a chunk size yields each network read as it arrives, so the
@@ -352,7 +356,7 @@ class _Attempt:
             self.report(len(data))
             if self.expired():
                 partial.flush()
-                raise _MirrorFailure(
+                raise _MirrorError(
                     f"deadline of the download passed ({self.deadline_text()}) "
                     f"at {partial.length} of {self.size} bytes"
                 )
@@ -361,31 +365,29 @@ class _Attempt:
     def _fetch_file(self, url: str, partial: _Partial) -> None:
         parts = urlsplit(url)
         if parts.netloc not in ("", "localhost"):
-            raise _MirrorFailure(f"file URL on another host {parts.netloc!r}")
+            raise _MirrorError(f"file URL on another host {parts.netloc!r}")
         source = Path(url2pathname(parts.path))
         try:
             handle = source.open("rb")
         except OSError as exc:
-            raise _MirrorFailure(exc.strerror or str(exc)) from exc
+            raise _MirrorError(exc.strerror or str(exc)) from exc
         with handle:
             have = os.fstat(handle.fileno()).st_size
             if have != self.size:
-                raise _ContentMismatch(f"file has {have} bytes, {self.size} declared")
+                raise _ContentMismatchError(f"file has {have} bytes, {self.size} declared")
             handle.seek(partial.length)
             while partial.length < self.size:
                 try:
                     data = handle.read(CHUNK_BYTES)
                 except OSError as exc:
-                    raise _MirrorFailure(exc.strerror or str(exc)) from exc
+                    raise _MirrorError(exc.strerror or str(exc)) from exc
                 if not data:
                     break
                 partial.append(data)
                 self.report(len(data))
                 if self.expired():
                     partial.flush()
-                    raise _MirrorFailure(
-                        f"deadline of the download passed ({self.deadline_text()})"
-                    )
+                    raise _MirrorError(f"deadline of the download passed ({self.deadline_text()})")
             partial.flush()
 
 
@@ -508,7 +510,7 @@ class _Partial:
 
     def append(self, data: bytes) -> None:
         if self.length + len(data) > self.size:
-            raise _ContentMismatch(
+            raise _ContentMismatchError(
                 f"body runs past the declared {self.size} bytes (at byte {self.size + 1})"
             )
         self._batch.append(data)

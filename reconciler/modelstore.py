@@ -501,30 +501,39 @@ class ModelStore:
 
     def gc(self, keep: set[str]) -> GcReport:
         """Delete blobs that no installed tree links to (link count 1) and whose digest is
-        not in ``keep``; partial downloads not in ``keep``; leftovers of interrupted builds."""
+        not in ``keep``; partial downloads not in ``keep``; leftovers of interrupted builds.
+
+        ``keep`` must hold every digest of the snapshot being applied (a blob fetched but
+        not yet linked has a link count of 1) and of the snapshots kept for rollback. Fetch
+        failures of digests outside ``keep`` are forgotten."""
         keep_hex = {_hex(d) for d in keep}
         removed = freed = 0
         with self._lock:
             index = self._loaded()
-            for blob in _files(self.blob_dir):
-                try:
-                    st = blob.lstat()
-                except FileNotFoundError:
-                    continue
-                linked = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
-                if blob.name in keep_hex or linked:
-                    continue
-                blob.unlink(missing_ok=True)
-                index.blobs.pop(blob.name, None)
-                removed += 1
-                freed += st.st_size
-            for partial in _files(self.partial_dir):
-                if partial.name not in keep_hex:
-                    partial.unlink(missing_ok=True)
+            try:
+                for blob in _files(self.blob_dir):
+                    try:
+                        st = blob.lstat()
+                    except FileNotFoundError:
+                        continue
+                    linked = stat.S_ISREG(st.st_mode) and st.st_nlink > 1
+                    if blob.name in keep_hex or linked:
+                        continue
+                    blob.unlink(missing_ok=True)
+                    index.blobs.pop(blob.name, None)
+                    removed += 1
+                    freed += st.st_size
+                for partial in _files(self.partial_dir):
+                    if partial.name not in keep_hex:
+                        partial.unlink(missing_ok=True)
+            except OSError as exc:
+                raise _os_error(exc, "removing unused model blobs") from exc
             for leftover in (self.build_dir, self.trash_dir):
                 shutil.rmtree(leftover, ignore_errors=True)
             index.failures = {k: v for k, v in index.failures.items() if k in keep_hex}
             index.blobs = {k: v for k, v in index.blobs.items() if (self.blob_dir / k).exists()}
+            installed = {m.model_id for m in self.installed_models()}
+            index.models = {k: v for k, v in index.models.items() if k in installed}
             if self.root.is_dir():
                 self._save(index)
         if removed:

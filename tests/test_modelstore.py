@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -253,6 +254,52 @@ def test_converged_ensure_opens_no_blob_and_asks_no_server(
     assert file_server.stats.total_requests() == requests
     assert again.is_installed(model)
     assert again.files_hashed == 0
+
+
+class OpenedFiles:
+    """Every path opened by this process while recording (a sys.audit hook; hooks cannot be
+    removed, so one is installed once and switched on and off)."""
+
+    recording: list[str] | None = None
+    installed = False
+
+    @classmethod
+    def record(cls) -> list[str]:
+        if not cls.installed:
+            sys.addaudithook(cls._hook)
+            cls.installed = True
+        cls.recording = []
+        return cls.recording
+
+    @classmethod
+    def stop(cls) -> None:
+        cls.recording = None
+
+    @classmethod
+    def _hook(cls, event: str, args: tuple[object, ...]) -> None:
+        if event == "open" and cls.recording is not None and args:
+            cls.recording.append(str(args[0]))
+
+
+def test_converged_check_opens_no_model_file_at_all(
+    file_server: FileServer, client: httpx.Client, paths: NodePaths
+) -> None:
+    models = [
+        publish(file_server, "m", f"v{i}", {f"f{j}.bin": os.urandom(100 + j) for j in range(5)})
+        for i in range(3)
+    ]
+    ModelStore(paths).ensure(models, client=client, base_url=file_server.url)
+
+    opened = OpenedFiles.record()
+    try:
+        store = ModelStore(paths)
+        store.ensure(models, client=client, base_url=file_server.url)
+        states = store.states(models)
+    finally:
+        OpenedFiles.stop()
+
+    assert {s.state for s in states} == {ModelState.ACTIVE}
+    assert [p for p in opened if str(paths.models) in p] == [str(paths.models / INDEX_NAME)]
 
 
 def test_stat_change_makes_the_store_hash_the_file_again(
