@@ -79,7 +79,12 @@ def b64decode(text: str) -> bytes:
     """Standard or URL-safe base64, padded or not; anything else (whitespace too) is refused."""
     if not text.isascii():
         raise EnvelopeError("base64 text is not ASCII")
-    normalised = text.replace("-", "+").replace("_", "/")
+    body = text.rstrip("=")
+    padding = len(text) - len(body)
+    # Python ignores '=' beyond a complete quantum ("YWJj===="); RFC 4648 does not allow it.
+    if padding and (padding > 2 or len(text) % 4):
+        raise EnvelopeError("bad base64 (wrong padding)")
+    normalised = body.replace("-", "+").replace("_", "/")
     normalised += "=" * (-len(normalised) % 4)
     try:
         return base64.b64decode(normalised, validate=True)
