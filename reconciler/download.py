@@ -159,7 +159,7 @@ def download_file(
             # Whatever else the mirrors did, one served bytes that are not the declared
             # ones: say so (the model shows as Failed) and keep nothing from this round.
             partial.discard()
-            raise HashMismatchError(f"{name}: {mismatch}")
+            raise HashMismatchError(f"{name} failed verification: {mismatch}")
     last = failures[-1] if failures else "no mirror to try"
     more = f" (and {len(failures) - 1} earlier failure(s))" if len(failures) > 1 else ""
     raise DownloadError(f"cannot download {name}: {last}{more}")
