@@ -38,6 +38,7 @@ __all__ = [
     "node",
     "repository_refs",
     "simulator",
+    "stock_git",
 ]
 
 # Short enough that a test which goes wrong cannot hang the suite; tests of the deadline
@@ -158,24 +159,26 @@ class NodeUnderTest:
 
     def git(self, *args: str) -> str:
         """Stock git in the state repository, as an operator would run it."""
-        env = {
-            **os.environ,
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_CONFIG_GLOBAL": os.devnull,
-            "GIT_AUTHOR_NAME": "operator",
-            "GIT_AUTHOR_EMAIL": "operator@example.invalid",
-            "GIT_COMMITTER_NAME": "operator",
-            "GIT_COMMITTER_EMAIL": "operator@example.invalid",
-        }
-        done = subprocess.run(
-            ["git", "-C", str(self.repo), *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=True,
-            timeout=30,
-        )
-        return done.stdout
+        return stock_git(self.repo, *args).decode("utf-8")
+
+
+def stock_git(repo: Path, *args: str) -> bytes:
+    """Run the stock ``git`` binary in ``repo`` with no user or system configuration."""
+    env = {
+        **os.environ,
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_AUTHOR_NAME": "operator",
+        "GIT_AUTHOR_EMAIL": "operator@example.invalid",
+        "GIT_COMMITTER_NAME": "operator",
+        "GIT_COMMITTER_EMAIL": "operator@example.invalid",
+    }
+    done = subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, env=env, timeout=30, check=False
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"git {' '.join(args)} failed: {done.stderr.decode()}")
+    return done.stdout
 
 
 @pytest.fixture

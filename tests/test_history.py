@@ -1,0 +1,305 @@
+"""The state repository (contract §4) in real git repositories, checked with stock ``git``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reconciler.errors import HistoryError
+from reconciler.history import History, StoredSnapshot
+from tests.support.origin_fixtures import NodeUnderTest, repository_refs, stock_git
+from tests.support.signing import Release, RepositorySimulator
+
+NOW = 1_750_000_000.0
+
+
+@pytest.fixture
+def network() -> RepositorySimulator:
+    return RepositorySimulator(now=NOW, root_keys=("k1", "k2"), threshold=2)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    return tmp_path / "snapshots"
+
+
+@pytest.fixture
+def history(repo: Path) -> History:
+    return History.open(repo, create=True)
+
+
+def stored(
+    network: RepositorySimulator, release: Release, *, root_version: int = 1
+) -> StoredSnapshot:
+    return StoredSnapshot(
+        digest=release.digest,
+        serial=release.serial,
+        network="testnet",
+        root_version=root_version,
+        signed_by=(network.keyid("k2"), network.keyid("k1")),  # unsorted on purpose
+        payload=release.snapshot_payload,
+        envelope=release.snapshot,
+    )
+
+
+def git(repo: Path, *args: str) -> str:
+    return stock_git(repo, *args).decode("utf-8")
+
+
+def test_commit_tree_holds_the_payload_and_envelope_bytes_exactly(
+    history: History, repo: Path, network: RepositorySimulator
+) -> None:
+    release = network.release()
+
+    oid, moved = history.store(stored(network, release), advance=True)
+
+    assert moved
+    assert stock_git(repo, "cat-file", "blob", f"{oid}:snapshot.json") == release.snapshot_payload
+    assert stock_git(repo, "cat-file", "blob", f"{oid}:envelope.json") == release.snapshot
+    entries = git(repo, "ls-tree", oid).splitlines()
+    assert [line.split()[0] for line in entries] == ["100644", "100644"]
+    assert [line.split("\t")[1] for line in entries] == ["envelope.json", "snapshot.json"]
+
+
+def test_git_log_shows_the_contract_trailers(
+    history: History, repo: Path, network: RepositorySimulator
+) -> None:
+    release = network.release(7)
+    history.store(stored(network, release, root_version=3), advance=True)
+
+    trailers = git(repo, "log", "-1", "--format=%(trailers:only,unfold)")
+
+    signers = ", ".join(sorted([network.keyid("k1"), network.keyid("k2")]))
+    assert trailers.strip().splitlines() == [
+        f"Config-Digest: {release.digest}",
+        "Serial: 7",
+        "Network: testnet",
+        "Root-Version: 3",
+        f"Signed-By: {signers}",
+        "Reason: fetch",
+    ]
+    assert git(repo, "log", "-1", "--format=%(trailers:key=Serial,valueonly)").strip() == "7"
+
+
+def test_refs_name_the_commit_and_the_repository_is_sound(
+    history: History, repo: Path, network: RepositorySimulator
+) -> None:
+    first = network.release(1)
+    second = network.release(2, mutate_snapshot=lambda s: s["jobs"].update(max_queue=2))
+    one, _ = history.store(stored(network, first), advance=True)
+    two, _ = history.store(stored(network, second), advance=True)
+    history.append_note(two, "receipt line")
+
+    refs = dict(
+        line.split(" ", 1)[::-1]
+        for line in git(repo, "for-each-ref", "--format=%(objectname) %(refname)").splitlines()
+    )
+    assert refs["refs/heads/main"] == two
+    assert refs[f"refs/snapshots/{first.hex}"] == one
+    assert refs[f"refs/snapshots/{second.hex}"] == two
+    assert refs["refs/reconciler/accepted"] == two
+    assert "refs/notes/applied" in refs
+    assert git(repo, "rev-parse", "main^").strip() == one
+    fsck = stock_git(repo, "fsck", "--strict", "--no-dangling", "--full")
+    assert fsck == b""
+    assert git(repo, "status", "--porcelain") == ""
+    assert git(repo, "symbolic-ref", "HEAD").strip() == "refs/heads/main"
+
+
+def test_storing_the_same_digest_twice_changes_nothing(
+    history: History, repo: Path, network: RepositorySimulator
+) -> None:
+    release = network.release()
+    oid, _ = history.store(stored(network, release), advance=True)
+    before = repository_refs(repo)
+
+    again, moved = history.store(stored(network, release), advance=True)
+
+    assert (again, moved) == (oid, False)
+    assert repository_refs(repo) == before
+    assert git(repo, "rev-list", "--count", "--all").strip() == "1"
+
+
+def test_a_waiting_snapshot_gets_its_ref_but_main_stays(
+    history: History, repo: Path, network: RepositorySimulator
+) -> None:
+    one, _ = history.store(stored(network, network.release(1)), advance=True)
+    later = network.release(2, mutate_snapshot=lambda s: s["jobs"].update(max_queue=2))
+
+    two, moved = history.store(stored(network, later), advance=False)
+
+    assert not moved
+    assert history.main_tip() == one == history.head_oid()
+    assert history.snapshot_ref(later.digest) == two
+    assert git(repo, "rev-parse", "refs/reconciler/accepted").strip() == two
+    assert git(repo, "status", "--porcelain") == ""
+
+
+def test_the_accepted_floor_never_goes_down(history: History, network: RepositorySimulator) -> None:
+    high, _ = history.store(stored(network, network.release(5)), advance=True)
+    low = network.release(3, mutate_snapshot=lambda s: s["jobs"].update(max_queue=2))
+    history.store(stored(network, low), advance=False)
+
+    floor = history.accepted_floor()
+    assert floor is not None
+    assert (floor.oid, floor.serial) == (high, 5)
+
+
+def test_the_floor_survives_a_git_reset_of_main(
+    history: History, repo: Path, network: RepositorySimulator
+) -> None:
+    one, _ = history.store(stored(network, network.release(1)), advance=True)
+    release = network.release(2, mutate_snapshot=lambda s: s["jobs"].update(max_queue=2))
+    two, _ = history.store(stored(network, release), advance=True)
+
+    git(repo, "reset", "-q", "--hard", one)
+
+    reopened = History.open(repo)
+    assert reopened.head_oid() == one
+    floor = reopened.accepted_floor()
+    assert floor is not None and floor.serial == 2 and floor.oid == two
+
+
+def test_head_follows_an_operator_checkout_and_advance_reattaches_it(
+    history: History, repo: Path, network: RepositorySimulator
+) -> None:
+    one, _ = history.store(stored(network, network.release(1)), advance=True)
+    two, _ = history.store(
+        stored(network, network.release(2, mutate_snapshot=lambda s: s.update(runtimes=[]))),
+        advance=True,
+    )
+    git(repo, "checkout", "-q", "--detach", one)
+    assert history.head_oid() == one and history.head_is_detached()
+
+    release = network.release(3, mutate_snapshot=lambda s: s["jobs"].update(max_queue=3))
+    three, moved = history.store(stored(network, release), advance=True)
+
+    assert moved and history.head_oid() == three
+    assert git(repo, "symbolic-ref", "HEAD").strip() == "refs/heads/main"
+    assert git(repo, "rev-parse", "main^").strip() == two
+    assert git(repo, "status", "--porcelain") == ""
+    assert (repo / "snapshot.json").read_bytes() == release.snapshot_payload
+
+
+def test_log_walks_first_parents_newest_first(
+    history: History, network: RepositorySimulator
+) -> None:
+    for serial in (1, 2, 3):
+        history.store(
+            stored(
+                network,
+                network.release(
+                    serial, mutate_snapshot=lambda s, n=serial: s["jobs"].update(max_queue=n)
+                ),
+            ),
+            advance=True,
+        )
+
+    assert [info.serial for info in history.log()] == [3, 2, 1]
+    assert [info.serial for info in history.log(limit=2)] == [3, 2]
+    newest = next(history.log())
+    assert newest.reason == "fetch" and newest.root_version == 1
+    assert newest.signed_by == tuple(sorted([network.keyid("k1"), network.keyid("k2")]))
+
+
+def test_resolve_finds_digest_prefix_serial_and_git_revisions(
+    history: History, network: RepositorySimulator
+) -> None:
+    first = network.release(1)
+    one, _ = history.store(stored(network, first), advance=True)
+    two, _ = history.store(
+        stored(
+            network, network.release(2, mutate_snapshot=lambda s: s["jobs"].update(max_queue=2))
+        ),
+        advance=True,
+    )
+
+    assert history.resolve(first.digest) == one
+    assert history.resolve(first.hex[:8]) == one
+    assert history.resolve("1") == one
+    assert history.resolve("main~1") == one
+    assert history.resolve("HEAD") == two
+    with pytest.raises(HistoryError, match="no snapshot matches"):
+        history.resolve("no-such-revision")
+
+
+def test_recommit_makes_a_new_commit_with_the_same_tree_and_another_reason(
+    history: History, repo: Path, network: RepositorySimulator
+) -> None:
+    one, _ = history.store(stored(network, network.release(1)), advance=True)
+    history.store(
+        stored(
+            network, network.release(2, mutate_snapshot=lambda s: s["jobs"].update(max_queue=2))
+        ),
+        advance=True,
+    )
+
+    back = history.recommit(one, reason="rollback")
+
+    assert history.main_tip() == back
+    assert history.info(back).reason == "rollback"
+    assert history.info(back).serial == 1
+    assert git(repo, "rev-parse", f"{back}^{{tree}}") == git(repo, "rev-parse", f"{one}^{{tree}}")
+    assert git(repo, "log", "-1", "--format=%s").startswith("Roll back to snapshot 1 ")
+
+
+def test_receipt_notes_are_shown_by_git_log(
+    history: History, repo: Path, network: RepositorySimulator
+) -> None:
+    oid, _ = history.store(stored(network, network.release()), advance=True)
+
+    history.append_note(oid, "first attempt")
+    history.append_note(oid, "second attempt")
+
+    assert history.notes(oid) == ["first attempt", "second attempt"]
+    assert history.noted_commits() == [oid]
+    shown = git(repo, "log", "--notes=applied", "-1", "--format=%N")
+    assert shown.split() == ["first", "attempt", "second", "attempt"]
+
+
+def test_a_commit_made_by_hand_is_not_mistaken_for_a_snapshot(
+    history: History, repo: Path, network: RepositorySimulator
+) -> None:
+    history.store(stored(network, network.release()), advance=True)
+    git(repo, "commit", "-q", "--allow-empty", "-m", "operator notes")
+    foreign = git(repo, "rev-parse", "HEAD").strip()
+
+    with pytest.raises(HistoryError, match="lacks the reconciler trailers"):
+        history.info(foreign)
+    git(repo, "rm", "-q", "snapshot.json")
+    git(repo, "commit", "-q", "-m", "drop it\n\nSerial: 1")
+    with pytest.raises(HistoryError, match=r"lacks snapshot\.json"):
+        history.blobs(git(repo, "rev-parse", "HEAD").strip())
+
+
+def test_opening_a_missing_repository_is_a_history_error(tmp_path: Path) -> None:
+    with pytest.raises(HistoryError, match="no state repository"):
+        History.open(tmp_path / "absent")
+    with pytest.raises(HistoryError, match="no commit"):
+        History.open(tmp_path / "made", create=True).info("0" * 40)
+
+
+# ---- through the command ----------------------------------------------------------------
+
+
+def test_verify_passes_on_fetched_history_and_catches_a_commit_edited_with_git(
+    node: NodeUnderTest, simulator: RepositorySimulator
+) -> None:
+    release = simulator.publish()
+    node.fetch().ok()
+    assert node.run("verify").ok().stdout == "checked 1 commit(s), 0 receipt(s): all good\n"
+
+    (node.repo / "snapshot.json").write_bytes(release.snapshot_payload.replace(b"16", b"99"))
+    message = node.git("log", "-1", "--format=%B")
+    node.git("commit", "-q", "-a", "-m", message)
+    edited = node.git("rev-parse", "HEAD").strip()
+
+    outcome = node.run("verify")
+
+    assert outcome.exit_code == 1
+    assert outcome.stdout.splitlines() == [
+        f"BAD  commit {edited[:12]}: rejected commit {release.digest}: "
+        "snapshot.json differs from the envelope's payload",
+        "checked 2 commit(s), 0 receipt(s): 1 problem(s)",
+    ]
