@@ -111,7 +111,8 @@ class NodeUnderTest:
     def repo(self) -> Path:
         return self.state_dir / "snapshots"
 
-    def run(self, *args: str, env: Mapping[str, str] | None = None) -> Outcome:
+    def run(self, *args: str, env: Mapping[str, str | None] | None = None) -> Outcome:
+        """``reconcile ARGS`` in-process; ``env`` adds variables (``None`` removes one)."""
         runner = CliRunner()
         started = time.monotonic()
         result = runner.invoke(
