@@ -181,6 +181,150 @@ def verify(ctx: _Context) -> None:
         sys.exit(1)
 
 
+def _setup_logging(log_format: str) -> None:
+    import logging
+
+    handler = logging.StreamHandler()
+    if log_format == "json":
+
+        class _Json(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return json.dumps(
+                    {
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.created)),
+                        "level": record.levelname.lower(),
+                        "logger": record.name,
+                        "message": record.getMessage(),
+                    }
+                )
+
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    root_logger = logging.getLogger("reconciler")
+    root_logger.handlers[:] = [handler]
+    root_logger.setLevel(logging.INFO)
+    root_logger.propagate = False
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.option("--exit-code", is_flag=True, help="Exit 3 when changes are pending.")
+@pass_ctx
+@_mapped
+def plan(ctx: _Context, as_json: bool, exit_code: bool) -> None:
+    """Show what converging to HEAD would do (contacts no origin, mirror or registry)."""
+    from reconciler.apply import compute_plan, load_desired, open_edge
+    from reconciler.modelstore import ModelStore
+
+    node = ctx.node()
+    head = node.history.head_oid()
+    if head is None:
+        click.echo(json.dumps({"empty": True, "head": None}) if as_json else "no snapshot yet")
+        return
+    desired = load_desired(node, head)
+    with open_edge(node) as edge:
+        node_plan = compute_plan(node, desired, edge=edge, store=ModelStore(node.paths))
+    if as_json:
+        click.echo(json.dumps(node_plan.to_json(), sort_keys=True))
+    else:
+        click.echo(f"HEAD serial {desired.serial} {desired.digest}")
+        lines = node_plan.describe()
+        click.echo("\n".join(f"  {line}" for line in lines) if lines else "  nothing to do")
+    if exit_code and not node_plan.empty:
+        sys.exit(3)
+
+
+@cli.command()
+@click.option("--offline", is_flag=True, help="Contact no origin, mirror or registry.")
+@click.option(
+    "--wait", "wait_s", type=float, default=0.0, help="Wait up to S seconds for the lock."
+)
+@pass_ctx
+@_mapped
+def once(ctx: _Context, offline: bool, wait_s: float) -> None:
+    """Fetch (unless --offline), then converge, with hooks."""
+    from reconciler.agent import run_once
+
+    settings = ctx.settings()
+    _setup_logging(settings.log_format)
+    from reconciler.node import Node
+
+    result = run_once(Node(settings), offline=offline, wait_s=wait_s)
+    if result.converge is not None:
+        click.echo(result.converge.message)
+    if result.fetch_error is not None:
+        click.echo(f"reconcile: {result.fetch_error.one_line()}", err=True)
+    sys.exit(result.exit_code)
+
+
+@cli.command()
+@click.option(
+    "--wait", "wait_s", type=float, default=0.0, help="Wait up to S seconds for the lock."
+)
+@pass_ctx
+@_mapped
+def watch(ctx: _Context, wait_s: float) -> None:
+    """Fetch and converge forever; SIGHUP polls now, SIGTERM finishes the step and exits."""
+    from reconciler.agent import watch as run_watch
+
+    settings = ctx.settings()
+    _setup_logging(settings.log_format)
+    sys.exit(run_watch(ctx.settings, wait_s=wait_s))
+
+
+@cli.command()
+@click.argument("rev", required=False)
+@click.option("--offline", is_flag=True, help="Contact no origin, mirror or registry.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Wait up to S seconds for the lock.",
+)
+@pass_ctx
+@_mapped
+def rollback(ctx: _Context, rev: str | None, offline: bool, wait_s: float) -> None:
+    """Make an earlier snapshot HEAD again (digest, prefix, serial or git rev), hold, converge."""
+    from reconciler.control import rollback as do_rollback
+    from reconciler.lock import state_lock
+
+    node = ctx.node()
+    _setup_logging(node.settings.log_format)
+    with state_lock(node.paths.lock, wait_s=wait_s):
+        outcome = do_rollback(node, rev, offline=offline)
+    click.echo(outcome.message)
+    click.echo("automatic advance is on hold until `reconcile resume`")
+    sys.exit(0 if outcome.converged else 1)
+
+
+@cli.command()
+@click.option("--offline", is_flag=True, help="Contact no origin, mirror or registry.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Wait up to S seconds for the lock.",
+)
+@pass_ctx
+@_mapped
+def resume(ctx: _Context, offline: bool, wait_s: float) -> None:
+    """Lift the hold and any quarantine; move HEAD to the newest waiting snapshot."""
+    from reconciler.control import resume as do_resume
+    from reconciler.lock import state_lock
+
+    node = ctx.node()
+    _setup_logging(node.settings.log_format)
+    with state_lock(node.paths.lock, wait_s=wait_s):
+        moved, outcome = do_resume(node, offline=offline)
+    click.echo(moved)
+    click.echo(outcome.message)
+
+
 # ---- network operator's commands --------------------------------------------------------
 
 

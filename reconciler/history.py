@@ -297,6 +297,14 @@ class History:
         self._move_main(oid, expected=tip, log=f"{reason}: serial {info.serial}")
         return oid
 
+    def reattach_main(self) -> None:
+        """Point a detached HEAD back at ``main`` and check it out (used by ``resume``)."""
+        try:
+            self._repo.set_head(MAIN)
+            self._repo.checkout(MAIN, strategy=pygit2.GIT_CHECKOUT_FORCE)
+        except pygit2.GitError as exc:
+            raise HistoryError(f"cannot check out main: {exc}") from exc
+
     def _move_main(self, oid: str, *, expected: str | None, log: str) -> None:
         self._set_ref(MAIN, oid, expected=expected, log=log)
         try:

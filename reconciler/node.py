@@ -43,6 +43,14 @@ class Node:
         save_node_state(self.paths.node_state, state)
         self.state = state
 
+    def reload(self) -> None:
+        """Re-read the record (another command may have changed it between two cycles)."""
+        self.state = load_node_state(self.paths.node_state)
+
+    def bump_state(self, counter: str) -> NodeState:
+        """The current record with ``counter`` raised by one (not yet saved)."""
+        return self.state.bump(counter)
+
     def record_error(self, kind: str, error: ReconcilerError) -> None:
         entry = LastError(at=format_time(time.time()), kind=kind, message=error.one_line())
         state = self.state.with_error(entry)

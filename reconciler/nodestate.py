@@ -43,6 +43,7 @@ class NodeState:
     applied_history: tuple[str, ...] = ()  # converged digests, newest last (for retention)
     converged: bool = False
     last_error: LastError | None = None
+    apply_in_progress: dict[str, Any] | None = None  # set while an apply runs (crash evidence)
     last_rejection: LastError | None = None
     counters: dict[str, int] = field(default_factory=dict)
 
