@@ -204,7 +204,6 @@ def _setup_logging(log_format: str) -> None:
     root_logger = logging.getLogger("reconciler")
     root_logger.handlers[:] = [handler]
     root_logger.setLevel(logging.INFO)
-    root_logger.propagate = False
 
 
 @cli.command()
