@@ -949,3 +949,24 @@ def test_file_origin_enforces_the_size_limit(
 
     assert outcome.exit_code == REJECTED
     assert outcome.error_line == f"rejected head.json: larger than the {HEAD_LIMIT}-byte limit"
+
+
+def test_root_walk_is_capped_per_fetch_and_resumes_on_the_next(
+    make_node: Callable[..., NodeUnderTest], tmp_path: Path
+) -> None:
+    folder = tmp_path / "origin"
+    network = RepositorySimulator(folder=folder)
+    node = make_node(folder.as_uri(), network.roots[1])
+    for version in range(2, 36):  # 34 rotations, each to a new key
+        network.make_root(version, keys=[f"k{version}"], signers=[f"k{version - 1}", f"k{version}"])
+    network.publish(signers=["k35"])
+
+    capped = node.fetch()
+
+    assert capped.exit_code == REJECTED
+    assert capped.error_line == (
+        "rejected head.json: 0 valid signature(s) by trusted keys, threshold is 1"
+    )
+    assert max(int(name.removesuffix(".json")) for name in node.roots()) == 33
+    node.fetch().ok()
+    assert max(int(name.removesuffix(".json")) for name in node.roots()) == 35
