@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -38,10 +39,22 @@ def schema_dir() -> Path:
     raise FileNotFoundError("the reconciler JSON schemas are not installed")
 
 
+def _import_jsonschema() -> Any:
+    # jsonschema probes for every optional format library when it is imported. One of them,
+    # rfc3987_syntax (pulled in by jsonschema's format extras), compiles a grammar at import and
+    # costs over a second, on every `reconcile` run. We check no IRI formats, so it is blocked
+    # unless something else in the process already loaded it; `date-time` uses
+    # rfc3339-validator and `uri`/`uri-reference` use rfc3986-validator.
+    sys.modules.setdefault("rfc3987_syntax", None)  # type: ignore[arg-type]
+    import jsonschema
+
+    return jsonschema
+
+
 @cache
 def _validator(name: SchemaName) -> Any:
-    # Imported lazily: jsonschema costs ~60 ms to import and `status` never needs it.
-    import jsonschema
+    # Imported lazily: jsonschema costs ~100 ms to import.
+    jsonschema = _import_jsonschema()
     from referencing import Registry, Resource
 
     folder = schema_dir()
@@ -94,8 +107,7 @@ def _pattern(validator: Any, pattern: str, instance: object, _schema: object) ->
 
 def validate(name: SchemaName, document: object) -> None:
     """Raise ``SchemaError`` naming the first violation (deepest, most relevant)."""
-    import jsonschema
-
+    jsonschema = _import_jsonschema()
     validator = _validator(name)
     error = jsonschema.exceptions.best_match(validator.iter_errors(document))
     if error is None:
