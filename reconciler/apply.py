@@ -554,30 +554,36 @@ def _apply(
                 f"{node_plan.download_bytes} bytes to download",
             )
             _ensure_models(node, store, desired, offline=offline)
+
+        def record(outcome: ActionOutcome) -> None:
+            attempt.outcomes.append(outcome)
+            if outcome.action.kind != "pull":
+                attempt.changed = True
+            log.info(
+                "%s %s (%s)",
+                "done" if outcome.ok else "FAILED",
+                outcome.action.describe(),
+                outcome.message,
+            )
+
+        # Pulls (and the conflict check) before runtime files: an image the registry does
+        # not have must fail the pass while the running node still reads the old files.
+        actions = node_plan.containers.actions
+        pulls = replace(node_plan.containers, actions=tuple(a for a in actions if a.kind == "pull"))
+        changes = replace(pulls, actions=tuple(a for a in actions if a.kind != "pull"))
+        if pulls.actions or pulls.conflicts:
+            attempt.step("images", f"{len(pulls.actions)} pull(s)")
+            edge.apply(pulls, desired.containers, allow_pull=not offline, on_outcome=record)
         # 5. runtime files
         for name in node_plan.files_changed:
             write_atomic(node.paths.runtime / name, desired.files[name])
         if node_plan.files_changed:
             attempt.changed = True
             attempt.step("runtime-files", ", ".join(node_plan.files_changed))
-        # 6. containers (pulls first, then changes, each gated on health; notify last)
-        if node_plan.containers.actions or node_plan.containers.conflicts:
-            attempt.step("containers", f"{len(node_plan.containers.actions)} action(s)")
-
-            def record(outcome: ActionOutcome) -> None:
-                attempt.outcomes.append(outcome)
-                if outcome.action.kind != "pull":
-                    attempt.changed = True
-                log.info(
-                    "%s %s (%s)",
-                    "done" if outcome.ok else "FAILED",
-                    outcome.action.describe(),
-                    outcome.message,
-                )
-
-            edge.apply(
-                node_plan.containers, desired.containers, allow_pull=not offline, on_outcome=record
-            )
+        # 6. containers (each gated on health; notify last)
+        if changes.actions:
+            attempt.step("containers", f"{len(changes.actions)} action(s)")
+            edge.apply(changes, desired.containers, allow_pull=not offline, on_outcome=record)
         # 7. prune
         for model_id in node_plan.trees_to_remove:
             store.remove(model_id)
