@@ -65,7 +65,7 @@ def _validator(name: SchemaName) -> Any:
     registry: Registry[Any] = Registry().with_resources(resources)
     schema = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
     base = jsonschema.validators.validator_for(schema)
-    strict = jsonschema.validators.extend(  # type: ignore[no-untyped-call]  # untyped stub
+    strict = jsonschema.validators.extend(
         base,
         validators={"pattern": _pattern},
         type_checker=base.TYPE_CHECKER.redefine("integer", _is_integer),
