@@ -9,7 +9,7 @@ import pytest
 from reconciler.errors import HistoryError
 from reconciler.history import History, StoredSnapshot
 from tests.support.origin_fixtures import NodeUnderTest, repository_refs, stock_git
-from tests.support.signing import Release, RepositorySimulator
+from tests.support.signing import Release, RepositorySimulator, base_snapshot
 
 NOW = 1_750_000_000.0
 
@@ -186,15 +186,9 @@ def test_log_walks_first_parents_newest_first(
     history: History, network: RepositorySimulator
 ) -> None:
     for serial in (1, 2, 3):
-        history.store(
-            stored(
-                network,
-                network.release(
-                    serial, mutate_snapshot=lambda s, n=serial: s["jobs"].update(max_queue=n)
-                ),
-            ),
-            advance=True,
-        )
+        body = base_snapshot()
+        body["jobs"]["max_queue"] = serial
+        history.store(stored(network, network.release(serial, body=body)), advance=True)
 
     assert [info.serial for info in history.log()] == [3, 2, 1]
     assert [info.serial for info in history.log(limit=2)] == [3, 2]

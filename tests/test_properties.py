@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, TypeVar
 
 from hypothesis import HealthCheck, given, settings
@@ -144,22 +145,22 @@ def test_any_json_as_envelope_raises_only_rejected_error(value: Any) -> None:
 # ---- mutated envelopes ----------------------------------------------------------------------
 
 
-def mutate_bytes(data: bytes, draw: st.DrawFn) -> bytes:
-    kind = draw(st.sampled_from(["flip", "delete", "insert", "truncate"]))
-    at = draw(st.integers(0, len(data) - 1))
+def mutate_bytes(data: bytes, source: st.DataObject) -> bytes:
+    kind = source.draw(st.sampled_from(["flip", "delete", "insert", "truncate"]))
+    at = source.draw(st.integers(0, len(data) - 1))
     if kind == "flip":
-        return data[:at] + bytes([data[at] ^ draw(st.integers(1, 255))]) + data[at + 1 :]
+        return data[:at] + bytes([data[at] ^ source.draw(st.integers(1, 255))]) + data[at + 1 :]
     if kind == "delete":
-        return data[:at] + data[at + draw(st.integers(1, 8)) :]
+        return data[:at] + data[at + source.draw(st.integers(1, 8)) :]
     if kind == "insert":
-        return data[:at] + draw(st.binary(min_size=1, max_size=8)) + data[at:]
+        return data[:at] + source.draw(st.binary(min_size=1, max_size=8)) + data[at:]
     return data[:at]
 
 
 @fuzz
 @given(st.data())
 def test_a_mutated_head_is_rejected_or_carries_the_signed_payload(data: st.DataObject) -> None:
-    mutated = mutate_bytes(RELEASE.head, data.draw)
+    mutated = mutate_bytes(RELEASE.head, data)
     verified = survives(
         lambda: verify_head(
             ROOT, mutated, network="testnet", now=NOW, last_serial=0, last_digest=None
@@ -215,22 +216,22 @@ def paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]
             yield from paths(child, (*prefix, index))
 
 
-def edited(document: dict[str, Any], draw: st.DrawFn) -> dict[str, Any]:
+def edited(document: dict[str, Any], data: st.DataObject) -> dict[str, Any]:
     """``document`` with one value replaced, one key removed, or one unknown key added."""
     copy_ = copy.deepcopy(document)
-    path = draw(st.sampled_from([p for p in paths(copy_) if p]))
+    path = data.draw(st.sampled_from([p for p in paths(copy_) if p]))
     parent: Any = copy_
     for step in path[:-1]:
         parent = parent[step]
-    kind = draw(st.sampled_from(["replace", "remove", "add"]))
+    kind = data.draw(st.sampled_from(["replace", "remove", "add"]))
     if kind == "replace":
-        parent[path[-1]] = draw(json_values)
+        parent[path[-1]] = data.draw(json_values)
     elif kind == "remove":
         del parent[path[-1]]
     elif isinstance(parent, dict):
-        parent[draw(st.text(min_size=1, max_size=8))] = draw(json_values)
+        parent[data.draw(st.text(min_size=1, max_size=8))] = data.draw(json_values)
     else:
-        parent.append(draw(json_values))
+        parent.append(data.draw(json_values))
     return copy_
 
 
@@ -242,7 +243,7 @@ def signed(payload_type: str, document: Any) -> bytes:
 @fuzz
 @given(st.data())
 def test_a_resigned_head_with_any_edit_raises_only_rejected_error(data: st.DataObject) -> None:
-    document = edited(HEAD_PAYLOAD, data.draw)
+    document = edited(HEAD_PAYLOAD, data)
     verified = survives(
         lambda: verify_head(
             ROOT,
@@ -264,7 +265,7 @@ def test_a_resigned_head_with_any_edit_raises_only_rejected_error(data: st.DataO
 def test_a_resigned_snapshot_with_any_edit_raises_only_rejected_error(
     data: st.DataObject,
 ) -> None:
-    document = edited(SNAPSHOT_PAYLOAD, data.draw)
+    document = edited(SNAPSHOT_PAYLOAD, data)
     envelope = signed(SNAPSHOT_TYPE, document)
     digest = "sha256:" + hashlib.sha256(payload_of(envelope)).hexdigest()
     # A head that agrees with the edited snapshot, so the edit reaches every later check.
@@ -295,7 +296,7 @@ def test_a_resigned_snapshot_with_any_edit_raises_only_rejected_error(
 @fuzz
 @given(st.data())
 def test_a_resigned_root_with_any_edit_raises_only_rejected_error(data: st.DataObject) -> None:
-    document = edited(ROOT_PAYLOAD, data.draw)
+    document = edited(ROOT_PAYLOAD, data)
     envelope = NETWORK.sign(ROOT_TYPE, json.dumps(document).encode(), ["k1", "k2"])
     survives(lambda: verify_next_root(ROOT, envelope, network="testnet"), RejectedError)
     survives(lambda: verify_initial_root(envelope, network="testnet"), RejectedError)
@@ -314,7 +315,7 @@ def test_deeply_nested_payloads_raise_only_rejected_error(depth: int, opener: st
         text = text.replace('"runtimes":', f'"{place}":{nested},"runtimes":', 1)
         envelope = NETWORK.sign(SNAPSHOT_TYPE, text.encode(), ["k1"])
         survives(
-            lambda e=envelope: verify_snapshot(ROOT, e, head=head, network="testnet", now=NOW),
+            partial(verify_snapshot, ROOT, envelope, head=head, network="testnet", now=NOW),
             RejectedError,
         )
 
