@@ -378,7 +378,9 @@ def converge(
     try:
         desired = load_desired(node, head)
     except RejectedError as exc:
-        node.record_error("apply", exc)
+        # Never applied; and whatever runs is not what HEAD names, so not converged.
+        node.record_error("apply", RejectedError(f"HEAD commit {head[:12]}", exc.reason))
+        node.save(replace(node.state, converged=False))
         return ConvergeOutcome(
             False, "failed", f"HEAD {head[:12]} fails verification: {exc.reason}"
         )
