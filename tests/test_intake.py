@@ -970,3 +970,26 @@ def test_root_walk_is_capped_per_fetch_and_resumes_on_the_next(
     assert max(int(name.removesuffix(".json")) for name in node.roots()) == 33
     node.fetch().ok()
     assert max(int(name.removesuffix(".json")) for name in node.roots()) == 35
+
+
+def test_fetch_during_an_operator_hold_stores_the_snapshot_as_waiting(
+    node: NodeUnderTest, simulator: RepositorySimulator, first: Release
+) -> None:
+    simulator.publish(mutate_snapshot=lambda s: s["jobs"].update(max_queue=2))
+    node.fetch().ok()
+    main = node.git("rev-parse", "main").strip()
+    held = node.git("rev-parse", f"refs/snapshots/{first.hex}").strip()
+    node.git("checkout", "-q", "--detach", held)
+
+    third = simulator.publish(mutate_snapshot=lambda s: s["jobs"].update(max_queue=3))
+    outcome = node.fetch().ok()
+
+    assert outcome.stdout == (
+        f"snapshot 3 ({third.digest}) stored, waiting: hold (HEAD moved with git to {held[:12]})\n"
+    )
+    refs = node.refs()
+    assert (refs["HEAD"], refs["refs/heads/main"]) == (held, main)
+    assert refs[f"refs/snapshots/{third.hex}"] == refs["refs/reconciler/accepted"]
+    report = node.status()
+    assert report["hold"]["active"]
+    assert report["waiting"] == [{"digest": third.digest, "serial": 3}]
