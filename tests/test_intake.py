@@ -498,6 +498,15 @@ def test_anti_rollback_survives_losing_the_record_and_a_git_reset(
         code=REJECTED,
         message="rejected head.json: serial 1 is below the last accepted 2",
     )
+    refusal(
+        node,
+        lambda: simulator.publish(2, mutate_snapshot=lambda s: s["jobs"].update(max_queue=9)),
+        code=REJECTED,
+        message=(
+            "rejected head.json: serial 2 was already accepted with another digest "
+            f"({second.digest})"
+        ),
+    )
 
 
 # ---- snapshot against head (§3.8) ---------------------------------------------------------
