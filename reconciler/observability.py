@@ -6,6 +6,7 @@ Edge module (reads the node record and the model store's index; writes one file 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -14,6 +15,22 @@ from reconciler.metrics import Metric, write_metrics
 from reconciler.node import Node
 
 __all__ = ["node_metrics", "write_node_metrics"]
+
+
+def _blob_bytes(node: Node) -> int:
+    """Bytes of verified model blobs on disk (``models/blobs/sha256/``; one stat per blob)."""
+    total = 0
+    try:
+        entries = list(os.scandir(node.paths.models / "blobs" / "sha256"))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+    return total
 
 
 def node_metrics(
@@ -79,7 +96,7 @@ def node_metrics(
             "reconciler_model_bytes_installed",
             "Bytes of model blobs on disk.",
             "gauge",
-            state.counters.get("model_bytes", 0),
+            _blob_bytes(node),
         ),
     ]
     for digest in state.quarantined:
