@@ -31,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -211,6 +213,30 @@ def open_edge(node: Node) -> PodmanEdge:
 # ---- the transaction ------------------------------------------------------------------------
 
 
+CRASH_POINTS = (
+    "after-pre-apply",
+    "after-models",
+    "after-images",
+    "after-runtime-files",
+    "mid-containers",
+    "after-containers",
+    "after-prune",
+    "before-receipt",
+)
+_CRASH_ENV = "RECONCILER_TEST_DIE_AT"
+
+
+def _crash_point(name: str) -> None:
+    """Die here, as a power cut would, when tests/test_crash.py asks for it; otherwise nothing.
+
+    ``RECONCILER_TEST_DIE_AT=<name>`` (one of ``CRASH_POINTS``) is a test seam, not a setting:
+    SIGKILL runs no cleanup, so what the next pass finds is what a real crash leaves.
+    """
+    if os.environ.get(_CRASH_ENV) == name:
+        log.warning("%s=%s: killing this process", _CRASH_ENV, name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _hook_env(node: Node, desired: Desired, *, reason: str, plan_file: Path) -> dict[str, str]:
     return {
         "RECONCILE_CONFIG_DIGEST": desired.digest,
@@ -343,7 +369,7 @@ def _record_interrupted(node: Node) -> None:
             "config_digest": marker.get("digest"),
             "serial": marker.get("serial"),
             "commit": oid,
-            "result": "failed",
+            "result": "interrupted",
             "reason": marker.get("reason"),
             "started_at": marker.get("started_at"),
             "finished_at": format_time(time.time()),
@@ -356,6 +382,45 @@ def _record_interrupted(node: Node) -> None:
         except ReconcilerError as exc:
             log.warning("cannot record the interrupted apply: %s", exc.one_line())
     node.save(replace(node.state, apply_in_progress=None))
+
+
+def _sweep_temporaries(node: Node) -> None:
+    """Remove files ``write_atomic`` left behind when a process died between write and rename.
+
+    Only with the agent lock held (every caller of ``converge`` has it): no other writer can be
+    mid-write then. The model store cleans its own scratch folders (``gc``).
+    """
+    folders = (
+        node.paths.state_dir,
+        node.paths.runtime,
+        node.paths.work,
+        node.paths.state_dir / "roots",
+    )
+    for folder in folders:
+        for leftover in folder.glob(".*.tmp") if folder.is_dir() else ():
+            log.info("removing %s (left by an interrupted write)", leftover)
+            leftover.unlink(missing_ok=True)
+
+
+def _quarantined_head(node: Node, head: str) -> ConvergeOutcome | None:
+    """HEAD names a quarantined snapshot the node is not running: do not apply it again.
+
+    This is the case after a first snapshot failed with nothing to roll back to; it waits for
+    a higher serial or ``reconcile resume`` (contract §5).
+    """
+    try:
+        info = node.history.info(head)
+    except HistoryError:
+        return None  # load_desired reports it
+    if info.digest not in node.state.quarantined or info.digest == node.state.applied_digest:
+        return None
+    return ConvergeOutcome(
+        False,
+        "quarantined",
+        f"HEAD serial {info.serial} ({info.digest}) is quarantined: not applied again until a "
+        "higher serial arrives or `reconcile resume`",
+        info.digest,
+    )
 
 
 def converge(
@@ -372,9 +437,13 @@ def converge(
 
     note_moved_head(node)
     _record_interrupted(node)
+    _sweep_temporaries(node)
     head = node.history.head_oid()
     if head is None:
         return ConvergeOutcome(False, "nothing", "no snapshot yet: run `reconcile fetch`")
+    held_back = _quarantined_head(node, head)
+    if held_back is not None:
+        return held_back
     try:
         desired = load_desired(node, head)
     except RejectedError as exc:
@@ -434,6 +503,16 @@ def _settled(node: Node, store: ModelStore, desired: Desired, *, started: float)
         _write_model_states(node, store, desired)
     elif state.last_error is not None and state.last_error.kind == "apply":
         node.save(state.with_error(None))
+    # An agent-update hook installed after the apply that approved the release runs now.
+    _agent_update(
+        node,
+        desired,
+        env={
+            "RECONCILE_CONFIG_DIGEST": desired.digest,
+            "RECONCILE_SERIAL": str(desired.serial),
+            "RECONCILE_STATE_DIR": str(node.paths.state_dir),
+        },
+    )
     return ConvergeOutcome(
         True,
         "noop",
@@ -441,6 +520,48 @@ def _settled(node: Node, store: ModelStore, desired: Desired, *, started: float)
         desired.digest,
         time.monotonic() - started,
     )
+
+
+def _agent_update(node: Node, desired: Desired, *, env: dict[str, str]) -> HookResult | None:
+    """Run ``agent-update`` once per approved agent release that differs from this agent.
+
+    The release is HEAD's ``updates.agent``; the hook gets ``RECONCILE_AGENT_VERSION``,
+    ``RECONCILE_AGENT_RUNNING`` and ``RECONCILE_AGENT_DIGEST``. Installing is the hook's job
+    (the sample checks the digest and restarts the service). A run is remembered in the node
+    record whatever its exit code, so a failing hook is not re-run every pass; a hook that is
+    not installed is not a run, so one added later still runs.
+    """
+    agent = desired.snapshot.updates.get("agent") or {}
+    version, digest = agent.get("version"), agent.get("digest")
+    if not version or version == __version__:
+        return None
+    done = node.state.agent_update
+    if done and (done.get("version"), done.get("digest")) == (version, digest):
+        return None
+    result = run_hook(
+        Path(node.settings.hooks_dir),
+        "agent-update",
+        env={
+            **env,
+            "RECONCILE_AGENT_VERSION": version,
+            "RECONCILE_AGENT_RUNNING": __version__,
+            "RECONCILE_AGENT_DIGEST": digest or "",
+        },
+        timeout_s=node.settings.hook_timeout_s,
+    )
+    if not result.ran:
+        return None
+    (log.info if result.ok else log.error)(
+        "agent-update for %s (running %s) exited %s", version, __version__, result.exit_code
+    )
+    record = {
+        "version": version,
+        "digest": digest,
+        "exit_code": result.exit_code,
+        "at": format_time(time.time()),
+    }
+    node.save(replace(node.state, agent_update=record))
+    return result
 
 
 def _mark_applied(node: Node, desired: Desired) -> None:
@@ -455,7 +576,6 @@ def _mark_applied(node: Node, desired: Desired) -> None:
             applied_history=tuple(history[-_HISTORY_KEPT:]),
             converged=True,
             last_error=None,
-            apply_in_progress=None,
         )
     )
 
@@ -511,6 +631,7 @@ def _apply(
             joined=joined if result == "converged" else [],
             left=left if result == "converged" else [],
         )
+        _crash_point("before-receipt")
         try:
             node.history.append_note(
                 desired.commit, receipt_line(payload, node_key=node.paths.node_key)
@@ -547,6 +668,7 @@ def _apply(
         )
         node.record_error("veto", veto)
         return finish("vetoed", veto)
+    _crash_point("after-pre-apply")
     try:
         # 4. fetch what is needed, touching nothing that runs
         if node_plan.models_to_install:
@@ -556,6 +678,7 @@ def _apply(
                 f"{node_plan.download_bytes} bytes to download",
             )
             _ensure_models(node, store, desired, offline=offline)
+        _crash_point("after-models")
 
         def record(outcome: ActionOutcome) -> None:
             attempt.outcomes.append(outcome)
@@ -567,6 +690,8 @@ def _apply(
                 outcome.action.describe(),
                 outcome.message,
             )
+            if outcome.action.kind != "pull":
+                _crash_point("mid-containers")
 
         # Pulls (and the conflict check) before runtime files: an image the registry does
         # not have must fail the pass while the running node still reads the old files.
@@ -576,16 +701,19 @@ def _apply(
         if pulls.actions or pulls.conflicts:
             attempt.step("images", f"{len(pulls.actions)} pull(s)")
             edge.apply(pulls, desired.containers, allow_pull=not offline, on_outcome=record)
+        _crash_point("after-images")
         # 5. runtime files
         for name in node_plan.files_changed:
             write_atomic(node.paths.runtime / name, desired.files[name])
         if node_plan.files_changed:
             attempt.changed = True
             attempt.step("runtime-files", ", ".join(node_plan.files_changed))
+        _crash_point("after-runtime-files")
         # 6. containers (each gated on health; notify last)
         if changes.actions:
             attempt.step("containers", f"{len(changes.actions)} action(s)")
             edge.apply(changes, desired.containers, allow_pull=not offline, on_outcome=record)
+        _crash_point("after-containers")
         # 7. prune
         for model_id in node_plan.trees_to_remove:
             store.remove(model_id)
@@ -594,9 +722,14 @@ def _apply(
         gc = store.gc(_keep_digests(node, desired))
         if gc.removed_blobs:
             attempt.step("gc", f"{gc.removed_blobs} blob(s), {gc.freed_bytes} bytes freed")
+        _crash_point("after-prune")
     except SnapshotFaultError as exc:
+        previous = node.state.applied_digest
         outcome = finish(
-            "rolled-back" if allow_rollback and node.state.applied_digest else "failed", exc
+            "rolled-back"
+            if allow_rollback and previous not in (None, desired.digest)
+            else "failed",
+            exc,
         )
         return _fault(
             node,
@@ -615,6 +748,9 @@ def _apply(
         return finish("failed", exc)
     # 8. record
     _mark_applied(node, desired)
+    update = _agent_update(node, desired, env=env)
+    if update is not None:
+        attempt.hooks.append(update)
     if joined or left:
         attempt.step("participation", f"joined {joined or '-'}, left {left or '-'}")
     return finish("converged", None)
@@ -656,12 +792,19 @@ def _fault(
     receipt_commit: str | None,
     first: ConvergeOutcome | None = None,
 ) -> ConvergeOutcome:
-    """The snapshot is to blame: quarantine it and go back to the last converged snapshot."""
+    """The snapshot is to blame: quarantine it and go back to the last converged snapshot.
+
+    Not when it is the snapshot the node last converged on (drift repair, or the rollback
+    itself failing): that one ran before, so its failure now is retried on the next pass, as
+    quarantining it would leave the node with nothing it may converge to.
+    """
     state = node.bump_state("apply_failures")
-    quarantined = tuple(dict.fromkeys((*state.quarantined, digest)))
-    node.save(replace(state, quarantined=quarantined, converged=False))
-    node.record_error("snapshot", exc)
-    log.error("snapshot %s (serial %d) quarantined: %s", digest, serial, exc.one_line())
+    repeat = digest == state.applied_digest
+    if not repeat:
+        state = replace(state, quarantined=tuple(dict.fromkeys((*state.quarantined, digest))))
+        log.error("snapshot %s (serial %d) quarantined: %s", digest, serial, exc.one_line())
+    node.save(replace(state, converged=False))
+    node.record_error("snapshot" if not repeat else "apply", exc)
     if receipt_commit is not None:
         payload = {
             "config_digest": digest,
@@ -679,15 +822,17 @@ def _fault(
             receipt_commit, receipt_line(payload, node_key=node.paths.node_key)
         )
     previous = node.state.applied_digest
-    if not allow_rollback or previous is None or previous == digest:
+    if not allow_rollback or previous is None or repeat:
         return ConvergeOutcome(
             False,
             "failed",
-            f"{exc.one_line()} (quarantined {digest[:19]}…)",
+            exc.one_line() if repeat else f"{exc.one_line()} (quarantined {digest[:19]}…)",
             digest,
             time.monotonic() - started,
         )
     back = rollback_to(node, previous, reason="rollback", hold=False, offline=offline)
+    # The rollback's own success clears the last error; why it happened stays visible.
+    node.record_error("snapshot", exc)
     message = f"{exc.one_line()}; rolled back to {previous[:19]}… ({back.message})"
     return ConvergeOutcome(False, "rolled-back", message, digest, time.monotonic() - started)
 
@@ -699,9 +844,12 @@ def rollback_to(
     oid = node.history.snapshot_ref(digest_or_commit) or node.history.resolve(digest_or_commit)
     node.history.recommit(oid, reason=reason)
     state = node.bump_state("rollbacks")
+    target = node.history.info(oid).digest
     node.save(
         replace(
             state,
+            # The operator's explicit choice overrides a quarantine of the target.
+            quarantined=tuple(d for d in state.quarantined if d != target or not hold),
             expected_head=node.history.head_oid(),
             hold=hold or state.hold,
             hold_reason=(

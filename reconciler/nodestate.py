@@ -45,6 +45,9 @@ class NodeState:
     last_error: LastError | None = None
     apply_in_progress: dict[str, Any] | None = None  # set while an apply runs (crash evidence)
     last_rejection: LastError | None = None
+    # The approved agent release the ``agent-update`` hook last ran for (once per release):
+    # {"version", "digest", "exit_code", "at"}.
+    agent_update: dict[str, Any] | None = None
     counters: dict[str, int] = field(default_factory=dict)
 
     def with_error(self, error: LastError | None) -> NodeState:
