@@ -1,0 +1,866 @@
+"""The apply transaction end to end: hooks, veto, automatic rollback, quarantine, hold, runtime.
+
+Every test drives the real ``reconcile`` command against a served origin (``file_server`` +
+``RepositorySimulator``), the private Podman service and registry, a real git state repository
+and real bash hooks. Runtimes carry a one-try health check (``true``) so that the gate answers
+at once instead of waiting the edge's settle time; a broken runtime fails that gate.
+
+The helpers at the top are shared with ``test_receipts``, ``test_watch`` and ``test_crash``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.fileserver import FileServer
+from tests.support.origin_fixtures import NodeUnderTest, Outcome
+from tests.support.podman_fixtures import PodmanService
+from tests.support.signing import Release, RepositorySimulator, base_snapshot
+
+pytestmark = pytest.mark.podman
+
+HEALTHY = {"command": ["true"], "retries": 1, "interval_s": 1, "timeout_s": 5}
+UNHEALTHY = {"command": ["false"], "retries": 1, "interval_s": 1, "timeout_s": 5}
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def served_model(
+    server: FileServer, name: str, version: str, files: dict[str, bytes]
+) -> dict[str, Any]:
+    """A model entry whose files the ``server`` serves."""
+    entries = []
+    for path, data in files.items():
+        server.write(f"models/{name}/{version}/{path}", data)
+        entries.append(
+            {
+                "path": path,
+                "size": len(data),
+                "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+                "urls": [f"models/{name}/{version}/{path}"],
+            }
+        )
+    return {"name": name, "version": version, "files": entries}
+
+
+def runtime(name: str, image: str, **more: Any) -> dict[str, Any]:
+    return {"name": name, "image": image, "health": HEALTHY, **more}
+
+
+def snapshot_body(
+    *,
+    models: list[dict[str, Any]] | None = None,
+    runtimes: list[dict[str, Any]] | None = None,
+    **fields: Any,
+) -> dict[str, Any]:
+    body = base_snapshot()
+    body["models"] = models or []
+    body["runtimes"] = runtimes or []
+    body.update(fields)
+    return body
+
+
+def node_env(podman: PodmanService, hooks: Path, **more: str) -> dict[str, str]:
+    """What a node under test needs to reach the private Podman service."""
+    hooks.mkdir(parents=True, exist_ok=True)
+    return {
+        "RECONCILER_PODMAN_URL": podman.url,
+        "RECONCILER_DISK_RESERVE_BYTES": "0",
+        "RECONCILER_HOOKS_DIR": str(hooks),
+        "RECONCILER_HOOK_TIMEOUT_S": "20",
+        **more,
+    }
+
+
+def write_hook(hooks: Path, name: str, body: str) -> Path:
+    """An executable bash hook ``name`` in ``hooks``."""
+    hooks.mkdir(parents=True, exist_ok=True)
+    path = hooks / name
+    path.write_text("#!/usr/bin/env bash\nset -u\n" + body + "\n", encoding="utf-8")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def containers(podman: PodmanService) -> list[dict[str, Any]]:
+    """Every container of the service: name, id, state, labels."""
+    rows = json.loads(podman.cli("ps", "--all", "--format", "json").stdout or "[]")
+    return [
+        {
+            "name": row["Names"][0],
+            "id": row["Id"],
+            "state": row["State"],
+            "labels": row.get("Labels") or {},
+        }
+        for row in rows
+    ]
+
+
+def running(podman: PodmanService) -> dict[str, str]:
+    """Running container name → the config digest it was made for."""
+    return {
+        c["name"]: c["labels"].get("io.resultity.reconciler.config-digest", "")
+        for c in containers(podman)
+        if c["state"] == "running"
+    }
+
+
+def receipts(node: NodeUnderTest, commit: str) -> list[dict[str, Any]]:
+    """The decoded payloads of the receipt lines on ``commit`` (signatures not checked)."""
+    text = node.git("notes", "--ref=applied", "show", commit)
+    lines = [line for line in text.splitlines() if line.strip()]
+    return [json.loads(base64.b64decode(json.loads(line)["payload"])) for line in lines]
+
+
+def all_receipts(node: NodeUnderTest) -> list[dict[str, Any]]:
+    """Every receipt in the state repository, oldest attempt first."""
+    listing = node.git("notes", "--ref=applied", "list").split()
+    commits = listing[1::2]
+    found = [r for commit in commits for r in receipts(node, commit)]
+    return sorted(found, key=lambda r: (r["started_at"], r["finished_at"]))
+
+
+def head(node: NodeUnderTest) -> dict[str, str]:
+    """HEAD's commit and trailers, read with stock git."""
+    oid = node.git("rev-parse", "HEAD").strip()
+    message = node.git("log", "-1", "--format=%B", oid)
+    trailers = {}
+    for line in message.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and " " not in key:
+            trailers[key] = value
+    return {"commit": oid, **trailers}
+
+
+def once(node: NodeUnderTest, env: dict[str, str], *args: str) -> Outcome:
+    return node.run("once", *args, env=env)
+
+
+def converged(outcome: Outcome) -> Outcome:
+    assert outcome.exit_code == 0, f"exit {outcome.exit_code}: {outcome.stdout}{outcome.stderr}"
+    return outcome
+
+
+# ---- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hooks(tmp_path: Path) -> Path:
+    folder = tmp_path / "hooks"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def env(podman_clean: PodmanService, hooks: Path) -> dict[str, str]:
+    return node_env(podman_clean, hooks)
+
+
+Publish = Callable[..., Release]
+
+
+@pytest.fixture
+def publish(simulator: RepositorySimulator) -> Publish:
+    """``publish(runtimes=[...], models=[...], **fields)``: sign and serve the next snapshot."""
+
+    def go(**options: Any) -> Release:
+        serial = options.pop("serial", None)
+        return simulator.publish(serial, body=snapshot_body(**options))
+
+    return go
+
+
+# ---- 1. the order and the hook environment -------------------------------------------------
+
+RECORDING_HOOK = """
+out="$RECORD_DIR/$(basename "$0")-$RECONCILE_SERIAL"
+mkdir -p "$out"
+env | grep '^RECONCILE_' | sort > "$out/env"
+podman --url "$RECONCILE_PODMAN_URL" ps --all --format json > "$out/ps.json"
+cp "$RECONCILE_PLAN" "$out/plan.json"
+ls "$RECONCILE_STATE_DIR/runtime" > "$out/runtime" 2>/dev/null || true
+ls -R "$RECONCILE_STATE_DIR/models" > "$out/models" 2>/dev/null || true
+"""
+
+
+def _recorded_env(folder: Path) -> dict[str, str]:
+    lines = (folder / "env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines)
+
+
+def test_pre_apply_runs_before_anything_changes_and_hooks_get_the_contract_env(
+    node: NodeUnderTest,
+    publish: Publish,
+    file_server: FileServer,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    hooks: Path,
+    env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    record = tmp_path / "record"
+    record.mkdir()
+    write_hook(hooks, "pre-apply", RECORDING_HOOK)
+    write_hook(hooks, "post-apply", RECORDING_HOOK)
+    env = {**env, "RECORD_DIR": str(record)}
+    model = served_model(file_server, "tiny", "v1", {"w.bin": b"w" * 100})
+    first = publish(models=[model], runtimes=[runtime("web", test_images["web"])])
+
+    converged(once(node, env))
+
+    pre = record / "pre-apply-1"
+    assert json.loads((pre / "ps.json").read_text() or "[]") == []
+    assert (pre / "runtime").read_text() == ""
+    assert "w.bin" not in (pre / "models").read_text()
+    plan = json.loads((pre / "plan.json").read_text())
+    assert plan["config_digest"] == first.digest
+    assert plan["models"]["install"] == ["tiny:v1"]
+    assert [a["kind"] for a in plan["containers"]["actions"]] == ["pull", "create"]
+    seen = _recorded_env(pre)
+    assert seen["RECONCILE_CONFIG_DIGEST"] == first.digest
+    assert seen["RECONCILE_PREVIOUS_DIGEST"] == ""
+    assert seen["RECONCILE_SERIAL"] == "1"
+    assert seen["RECONCILE_REASON"] == "fetch"
+    assert seen["RECONCILE_STATE_DIR"] == str(node.state_dir)
+    assert Path(seen["RECONCILE_PLAN"]).is_absolute()
+    assert "RECONCILE_RESULT" not in seen
+    post = record / "post-apply-1"
+    assert _recorded_env(post)["RECONCILE_RESULT"] == "converged"
+    assert [c["Names"][0] for c in json.loads((post / "ps.json").read_text())] == ["reconciler-web"]
+    assert "jobs.json" in (post / "runtime").read_text()
+
+    # The second snapshot replaces the container: pre-apply still sees the first one.
+    second = publish(models=[model], runtimes=[runtime("web", test_images["web2"])])
+    converged(once(node, env))
+    pre2 = record / "pre-apply-2"
+    [old] = json.loads((pre2 / "ps.json").read_text())
+    assert old["Labels"]["io.resultity.reconciler.config-digest"] == first.digest
+    seen2 = _recorded_env(pre2)
+    assert seen2["RECONCILE_PREVIOUS_DIGEST"] == first.digest
+    assert seen2["RECONCILE_CONFIG_DIGEST"] == second.digest
+    assert running(podman_clean) == {"reconciler-web": second.digest}
+
+
+# ---- 2. veto -------------------------------------------------------------------------------
+
+
+def _node_files(node: NodeUnderTest) -> dict[str, bytes]:
+    """Every file of the runtime and model folders, for before/after comparisons."""
+    found = {}
+    for folder in (node.state_dir / "runtime", node.state_dir / "models"):
+        for path in sorted(folder.rglob("*")) if folder.exists() else []:
+            if path.is_file():
+                found[str(path.relative_to(node.state_dir))] = path.read_bytes()
+    return found
+
+
+def test_a_vetoing_pre_apply_changes_nothing_and_is_recorded(
+    node: NodeUnderTest,
+    publish: Publish,
+    file_server: FileServer,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    hooks: Path,
+    env: dict[str, str],
+) -> None:
+    model = served_model(file_server, "tiny", "v1", {"w.bin": b"1" * 10})
+    first = publish(models=[model], runtimes=[runtime("web", test_images["web"])])
+    converged(once(node, env))
+    before = {c["id"] for c in containers(podman_clean)}
+    files = _node_files(node)
+
+    write_hook(hooks, "pre-apply", 'echo "maintenance window closed"; exit 3')
+    model2 = served_model(file_server, "tiny", "v2", {"w.bin": b"2" * 10})
+    second = publish(
+        models=[model2],
+        runtimes=[runtime("web", test_images["web2"])],
+        jobs={"max_tokens": 1, "max_queue": 1, "timeout_s": 1},
+    )
+    vetoed = once(node, env)
+
+    assert vetoed.exit_code == 1
+    assert "vetoed" in vetoed.stdout
+    assert {c["id"] for c in containers(podman_clean)} == before
+    assert running(podman_clean) == {"reconciler-web": first.digest}
+    assert _node_files(node) == files
+    status = node.status()
+    assert status["converged"] is False
+    assert status["head"]["digest"] == second.digest
+    assert status["applied"]["digest"] == first.digest
+    assert "maintenance window closed" in status["last_error"]["message"]
+    assert status["quarantined"] == []
+    [receipt] = receipts(node, head(node)["commit"])
+    assert receipt["result"] == "vetoed"
+    assert receipt["actions"] == []
+    [pre] = [h for h in receipt["hooks"] if h["name"] == "pre-apply"]
+    assert pre["exit_code"] == 3
+    assert "maintenance window closed" in pre["output"]
+
+    # Not quarantined: once the hook allows it, the next pass applies the same snapshot.
+    (hooks / "pre-apply").unlink()
+    converged(once(node, env))
+    assert running(podman_clean) == {"reconciler-web": second.digest}
+
+
+def test_a_pre_apply_hook_past_its_timeout_is_killed_and_vetoes(
+    node: NodeUnderTest,
+    publish: Publish,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    hooks: Path,
+    env: dict[str, str],
+) -> None:
+    write_hook(hooks, "pre-apply", "sleep 30 & wait")
+    publish(runtimes=[runtime("web", test_images["web"])])
+
+    started = time.monotonic()
+    outcome = once(node, {**env, "RECONCILER_HOOK_TIMEOUT_S": "1"})
+
+    assert outcome.exit_code == 1
+    assert time.monotonic() - started < 15
+    assert containers(podman_clean) == []
+    [receipt] = receipts(node, head(node)["commit"])
+    assert receipt["result"] == "vetoed"
+    [pre] = [h for h in receipt["hooks"] if h["name"] == "pre-apply"]
+    assert pre["timed_out"] is True
+    assert pre["exit_code"] is None
+    assert "killed after 1 s" in pre["output"]
+
+
+# ---- 3. automatic rollback and quarantine --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param({"health": UNHEALTHY}, id="fails-health-check"),
+        pytest.param({"command": ["sh", "-c", "exit 7"], "health": None}, id="exits-at-once"),
+    ],
+)
+def test_a_snapshot_whose_runtime_fails_is_rolled_back_and_quarantined(
+    broken: dict[str, Any],
+    node: NodeUnderTest,
+    publish: Publish,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    env: dict[str, str],
+) -> None:
+    first = publish(runtimes=[runtime("web", test_images["web"])])
+    converged(once(node, env))
+    good_id = containers(podman_clean)[0]["id"]
+    spec = {k: v for k, v in {**runtime("web", test_images["web2"]), **broken}.items() if v}
+    second = publish(runtimes=[spec])
+
+    failed = once(node, env)
+
+    assert failed.exit_code == 1, failed.stdout + failed.stderr
+    assert "rolled back" in failed.stdout
+    assert running(podman_clean) == {"reconciler-web": first.digest}
+    assert [c["name"] for c in containers(podman_clean)] == ["reconciler-web"]
+    assert containers(podman_clean)[0]["id"] != good_id  # made again from snapshot 1
+    top = head(node)
+    assert top["Reason"] == "rollback"
+    assert top["Config-Digest"] == first.digest
+    status = node.status()
+    assert status["quarantined"] == [second.digest]
+    assert status["converged"] is True
+    assert status["hold"]["active"] is False
+    assert node.record()["quarantined"] == [second.digest]
+    assert "quarantined" in node.status_text()
+    bad_commit = node.git("rev-parse", f"refs/snapshots/{second.hex}").strip()
+    assert [r["result"] for r in receipts(node, bad_commit)] == ["rolled-back"]
+    assert [r["result"] for r in receipts(node, top["commit"])] == ["converged"]
+
+    # The next pass sees snapshot 2 again at the origin and leaves it alone.
+    again = once(node, env)
+    assert again.exit_code == 0, again.stdout + again.stderr
+    assert head(node)["commit"] == top["commit"]
+    assert [r["result"] for r in receipts(node, bad_commit)] == ["rolled-back"]
+    assert running(podman_clean) == {"reconciler-web": first.digest}
+
+    # A higher serial is applied.
+    third = publish(runtimes=[runtime("web", test_images["web2"])])
+    converged(once(node, env))
+    assert head(node)["Config-Digest"] == third.digest
+    assert head(node)["Reason"] == "fetch"
+    assert running(podman_clean) == {"reconciler-web": third.digest}
+    assert node.status()["quarantined"] == [second.digest]
+
+
+def test_resume_lifts_the_quarantine_and_tries_the_snapshot_again(
+    node: NodeUnderTest,
+    publish: Publish,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    env: dict[str, str],
+) -> None:
+    first = publish(runtimes=[runtime("web", test_images["web"])])
+    converged(once(node, env))
+    # Healthy only once the operator has put a file in place on the node.
+    needs_file = {**HEALTHY, "command": ["test", "-e", "/run/reconciler/operator-ok"]}
+    second = publish(runtimes=[runtime("web", test_images["web2"], health=needs_file)])
+    assert once(node, env).exit_code == 1
+    assert node.status()["quarantined"] == [second.digest]
+    assert running(podman_clean) == {"reconciler-web": first.digest}
+
+    (node.state_dir / "runtime" / "operator-ok").write_text("")
+    resumed = node.run("resume", env=env).ok()
+
+    assert "serial 2" in resumed.stdout
+    assert node.status()["quarantined"] == []
+    assert node.record()["quarantined"] == []
+    top = head(node)
+    assert (top["Reason"], top["Config-Digest"]) == ("resume", second.digest)
+    assert running(podman_clean) == {"reconciler-web": second.digest}
+    assert node.status()["converged"] is True
+
+
+def _missing_digest(image: str) -> str:
+    return image.rsplit("@", 1)[0] + "@sha256:" + "1" * 64
+
+
+@pytest.mark.parametrize("failure", ["registry-digest-missing", "model-hash-mismatch", "disk-full"])
+def test_failures_not_caused_by_the_snapshot_quarantine_nothing_and_are_retried(
+    failure: str,
+    node: NodeUnderTest,
+    publish: Publish,
+    file_server: FileServer,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    env: dict[str, str],
+) -> None:
+    first = publish(runtimes=[runtime("web", test_images["web"])])
+    converged(once(node, env))
+    model = served_model(file_server, "tiny", "v1", {"w.bin": b"w" * 64})
+    image = test_images["web2"]
+    if failure == "registry-digest-missing":
+        image = _missing_digest(image)
+    second = publish(models=[model], runtimes=[runtime("web", image)])
+    bad_env = dict(env)
+    if failure == "model-hash-mismatch":
+        file_server.faults.set("/models/tiny/v1/w.bin", body=b"x" * 64)
+    if failure == "disk-full":
+        bad_env["RECONCILER_DISK_RESERVE_BYTES"] = str(1 << 52)
+
+    for attempt in (1, 2):
+        outcome = once(node, bad_env)
+        assert outcome.exit_code == 1, outcome.stdout + outcome.stderr
+        assert running(podman_clean) == {"reconciler-web": first.digest}
+        top = head(node)
+        assert (top["Reason"], top["Config-Digest"]) == ("fetch", second.digest)
+        status = node.status()
+        assert status["quarantined"] == []
+        assert status["converged"] is False
+        assert status["last_error"] is not None
+        assert [r["result"] for r in receipts(node, top["commit"])] == ["failed"] * attempt
+    if failure != "registry-digest-missing":
+        assert not (node.state_dir / "models" / "tiny" / "v1" / "w.bin").exists()
+
+    if failure == "registry-digest-missing":
+        return  # only a new snapshot can fix a wrong pin
+    file_server.faults.clear()
+    converged(once(node, env))
+    assert running(podman_clean) == {"reconciler-web": second.digest}
+
+
+def test_podman_down_quarantines_nothing_and_the_next_pass_converges(
+    node: NodeUnderTest,
+    publish: Publish,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    hooks: Path,
+    env: dict[str, str],
+) -> None:
+    publish(runtimes=[runtime("web", test_images["web"])])
+    down = {**env, "RECONCILER_PODMAN_URL": f"unix://{hooks}/no-podman.sock"}
+
+    outcome = once(node, down)
+
+    assert outcome.exit_code == 1
+    assert "unreachable" in outcome.stdout
+    status = node.status()
+    assert status["quarantined"] == []
+    assert "no-podman.sock" in status["last_error"]["message"]
+    converged(once(node, env))
+    assert list(running(podman_clean)) == ["reconciler-web"]
+
+
+# ---- 4. manual rollback, hold, resume, HEAD moved with git ---------------------------------
+
+
+def test_rollback_goes_to_the_previous_snapshot_holds_and_resume_advances(
+    node: NodeUnderTest,
+    publish: Publish,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    env: dict[str, str],
+) -> None:
+    first = publish(runtimes=[runtime("web", test_images["web"])])
+    converged(once(node, env))
+    publish(runtimes=[runtime("web", test_images["web2"])])
+    converged(once(node, env))
+
+    rolled = node.run("rollback", env=env).ok()
+
+    assert "on hold" in rolled.stdout
+    top = head(node)
+    assert (top["Reason"], top["Config-Digest"]) == ("rollback", first.digest)
+    assert running(podman_clean) == {"reconciler-web": first.digest}
+    assert node.record()["hold"] is True
+    assert node.status()["hold"]["active"] is True
+
+    # While held, a new snapshot is stored under its ref alone and waits.
+    third = publish(runtimes=[runtime("web", test_images["web2"], env={"V": "3"})])
+    node.run("fetch", env=env).ok()
+    assert head(node)["commit"] == top["commit"]
+    stored = node.git("rev-parse", f"refs/snapshots/{third.hex}").strip()
+    assert node.git("log", "-1", "--format=%B", stored).count(f"Config-Digest: {third.digest}")
+    status = node.status()
+    assert status["waiting"] == [{"digest": third.digest, "serial": 3}]
+    assert "waiting" in node.status_text()
+    converged(once(node, env))
+    assert head(node)["commit"] == top["commit"]
+    assert running(podman_clean) == {"reconciler-web": first.digest}
+
+    resumed = node.run("resume", env=env).ok()
+
+    assert "serial 3" in resumed.stdout
+    top = head(node)
+    assert (top["Reason"], top["Config-Digest"]) == ("resume", third.digest)
+    assert running(podman_clean) == {"reconciler-web": third.digest}
+    status = node.status()
+    assert status["hold"]["active"] is False
+    assert status["waiting"] == []
+    assert status["converged"] is True
+
+
+def test_rollback_names_its_target_by_digest_prefix_serial_or_git_revision(
+    node: NodeUnderTest,
+    publish: Publish,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    env: dict[str, str],
+) -> None:
+    releases = []
+    for n in (1, 2, 3):
+        releases.append(publish(runtimes=[runtime("web", test_images["web"], env={"N": str(n)})]))
+        converged(once(node, env))
+    first_commit = node.git("rev-parse", f"refs/snapshots/{releases[0].hex}").strip()
+
+    for target, expected in (
+        (releases[1].hex[:12], releases[1]),
+        ("1", releases[0]),
+        (releases[2].digest, releases[2]),
+        (first_commit[:10], releases[0]),
+        ("main~1", releases[2]),
+    ):
+        node.run("rollback", target, env=env).ok()
+        top = head(node)
+        assert (top["Reason"], top["Config-Digest"]) == ("rollback", expected.digest), target
+        assert running(podman_clean) == {"reconciler-web": expected.digest}, target
+    assert node.status()["hold"]["active"] is True
+
+
+def test_rollback_to_an_unknown_revision_changes_nothing(
+    node: NodeUnderTest,
+    publish: Publish,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    env: dict[str, str],
+) -> None:
+    publish(runtimes=[runtime("web", test_images["web"])])
+    converged(once(node, env))
+    before = head(node)
+
+    outcome = node.run("rollback", "deadbeef99", env=env)
+
+    assert outcome.exit_code == 1
+    assert "no snapshot matches" in outcome.error_line
+    assert head(node) == before
+    assert node.record()["hold"] is False
+
+
+@pytest.mark.parametrize("how", ["reset", "checkout"])
+def test_head_moved_with_stock_git_is_reverified_applied_and_held(
+    how: str,
+    node: NodeUnderTest,
+    publish: Publish,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    env: dict[str, str],
+) -> None:
+    first = publish(runtimes=[runtime("web", test_images["web"])])
+    converged(once(node, env))
+    publish(runtimes=[runtime("web", test_images["web2"])])
+    converged(once(node, env))
+    target = node.git("rev-parse", f"refs/snapshots/{first.hex}").strip()
+
+    if how == "reset":
+        node.git("reset", "--hard", target)
+    else:
+        node.git("checkout", "--quiet", target)
+    converged(once(node, env))
+
+    assert node.git("rev-parse", "HEAD").strip() == target
+    assert running(podman_clean) == {"reconciler-web": first.digest}
+    status = node.status()
+    assert status["hold"]["active"] is True
+    assert "moved with git" in status["hold"]["reason"]
+    assert status["converged"] is True
+    assert [r["result"] for r in receipts(node, target)][-1] == "converged"
+
+    # Held: a newer snapshot waits.
+    third = publish(runtimes=[runtime("web", test_images["web2"], env={"V": "3"})])
+    converged(once(node, env))
+    assert node.git("rev-parse", "HEAD").strip() == target
+    assert node.status()["waiting"] == [{"digest": third.digest, "serial": 3}]
+
+    node.run("resume", env=env).ok()
+    assert head(node)["Reason"] == "resume"
+    assert running(podman_clean) == {"reconciler-web": third.digest}
+    assert node.git("symbolic-ref", "HEAD").strip() == "refs/heads/main"
+
+
+def _forge_commit(node: NodeUnderTest, *, like: str, envelope: bytes) -> str:
+    """A commit made with stock git plumbing: ``like``'s snapshot.json, trailers and parent,
+    with another envelope.json."""
+    tree_listing = node.git("ls-tree", like)
+    snapshot_blob = next(
+        line.split()[2] for line in tree_listing.splitlines() if line.endswith("snapshot.json")
+    )
+    envelope_file = node.home / "forged-envelope.json"
+    envelope_file.write_bytes(envelope)
+    envelope_blob = node.git("hash-object", "-w", str(envelope_file)).strip()
+    tree = _git_input(
+        node,
+        ["mktree"],
+        f"100644 blob {envelope_blob}\tenvelope.json\n100644 blob {snapshot_blob}\tsnapshot.json\n",
+    )
+    message = node.git("log", "-1", "--format=%B", like)
+    return _git_input(node, ["commit-tree", tree, "-p", like], message)
+
+
+def _git_input(node: NodeUnderTest, args: list[str], text: str) -> str:
+    import subprocess
+
+    done = subprocess.run(
+        ["git", "-C", str(node.repo), *args],
+        input=text.encode(),
+        capture_output=True,
+        check=True,
+        env={
+            **os.environ,
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_AUTHOR_NAME": "operator",
+            "GIT_AUTHOR_EMAIL": "operator@example.invalid",
+            "GIT_COMMITTER_NAME": "operator",
+            "GIT_COMMITTER_EMAIL": "operator@example.invalid",
+        },
+    )
+    return done.stdout.decode().strip()
+
+
+def test_a_commit_with_a_tampered_envelope_is_never_applied(
+    node: NodeUnderTest,
+    publish: Publish,
+    simulator: RepositorySimulator,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    env: dict[str, str],
+) -> None:
+    first = publish(runtimes=[runtime("web", test_images["web"])])
+    converged(once(node, env))
+    before = {c["id"] for c in containers(podman_clean)}
+    good = node.git("rev-parse", "HEAD").strip()
+    # The same payload with a runtime swapped in, signed by a key the root does not list.
+    envelope = json.loads(first.snapshot)
+    payload = json.loads(base64.b64decode(envelope["payload"]))
+    payload["runtimes"] = [runtime("web", test_images["web2"])]
+    forged_payload = json.dumps(payload).encode()
+    forged = simulator.sign("application/vnd.resultity.snapshot+json", forged_payload, ["mallory"])
+    for bad_envelope in (forged, first.snapshot.replace(b'"sig": "', b'"sig": "AAAA')):
+        bad = _forge_commit(node, like=good, envelope=bad_envelope)
+        node.git("reset", "--hard", bad)
+
+        outcome = once(node, env)
+
+        assert outcome.exit_code == 1, outcome.stdout
+        assert "fails verification" in outcome.stdout
+        assert {c["id"] for c in containers(podman_clean)} == before
+        assert running(podman_clean) == {"reconciler-web": first.digest}
+        status = node.status()
+        assert status["converged"] is False
+        assert f"rejected HEAD commit {bad[:12]}" in status["last_error"]["message"]
+        assert status["hold"]["active"] is True
+        assert _has_no_notes(node, bad)
+    node.git("reset", "--hard", good)
+    converged(once(node, env))
+
+
+def _has_no_notes(node: NodeUnderTest, commit: str) -> bool:
+    listing = node.git("notes", "--ref=applied", "list").split()
+    return commit not in listing[1::2]
+
+
+def test_a_first_snapshot_that_fails_is_quarantined_and_not_tried_again(
+    node: NodeUnderTest,
+    publish: Publish,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    env: dict[str, str],
+) -> None:
+    bad = publish(runtimes=[runtime("web", test_images["web"], health=UNHEALTHY)])
+
+    assert once(node, env).exit_code == 1
+    assert node.status()["quarantined"] == [bad.digest]
+    assert containers(podman_clean) == []
+    again = once(node, env)
+
+    assert again.exit_code == 1
+    assert "quarantined" in again.stdout
+    assert [r["result"] for r in receipts(node, head(node)["commit"])] == ["failed"]
+    good = publish(runtimes=[runtime("web", test_images["web"])])
+    converged(once(node, env))
+    assert running(podman_clean) == {"reconciler-web": good.digest}
+
+
+# ---- 6. the runtime is told ----------------------------------------------------------------
+
+
+def _exec(podman: PodmanService, container: str, *command: str) -> str:
+    return podman.cli("exec", container, *command, check=False).stdout
+
+
+def _inspect(podman: PodmanService, container: str) -> dict[str, Any]:
+    [data] = json.loads(podman.cli("inspect", container).stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.mark.parametrize("notify", ["signal:HUP", "restart"])
+def test_a_jobs_change_rewrites_jobs_json_and_notifies_without_replacing(
+    notify: str,
+    node: NodeUnderTest,
+    publish: Publish,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    env: dict[str, str],
+) -> None:
+    sleeper = runtime("sleeper", test_images["sleeper"], notify=notify)
+    publish(runtimes=[sleeper])
+    converged(once(node, env))
+    jobs_file = node.state_dir / "runtime" / "jobs.json"
+    inode = jobs_file.stat().st_ino
+    before = _inspect(podman_clean, "reconciler-sleeper")
+
+    publish(runtimes=[sleeper], jobs={"max_tokens": 8192, "max_queue": 2, "timeout_s": 60})
+    converged(once(node, env))
+
+    assert json.loads(jobs_file.read_text())["max_tokens"] == 8192
+    assert jobs_file.stat().st_ino != inode  # replaced by rename, never rewritten in place
+    seen = json.loads(_exec(podman_clean, "reconciler-sleeper", "cat", "/run/reconciler/jobs.json"))
+    assert seen["max_tokens"] == 8192
+    after = _inspect(podman_clean, "reconciler-sleeper")
+    assert after["Id"] == before["Id"]
+    assert after["State"]["Status"] == "running"
+    [receipt] = receipts(node, head(node)["commit"])
+    [action] = receipt["actions"]
+    assert action["action"]["kind"] == "notify"
+    assert action["container_id"] == before["Id"]
+    if notify == "signal:HUP":
+        assert action["message"] == "sent SIGHUP"
+        deadline = time.monotonic() + 5
+        while not _exec(podman_clean, "reconciler-sleeper", "cat", "/tmp/hups").strip():
+            assert time.monotonic() < deadline, "the runtime never saw SIGHUP"
+            time.sleep(0.1)
+        assert after["State"]["StartedAt"] == before["State"]["StartedAt"]
+        assert len(_exec(podman_clean, "reconciler-sleeper", "cat", "/tmp/hups").split()) == 1
+    else:
+        assert action["message"] == "restarted"
+        assert after["State"]["StartedAt"] != before["State"]["StartedAt"]
+
+
+def test_participation_follows_opt_outs_and_vram_and_the_receipt_says_who_joined_and_left(
+    node: NodeUnderTest,
+    publish: Publish,
+    podman_clean: PodmanService,
+    env: dict[str, str],
+) -> None:
+    env = {**env, "RECONCILER_OPT_OUT_SUBCLOUDS": "eu-opted", "RECONCILER_VRAM_MIB": "16000"}
+    subclouds = [
+        {"id": "eu-small", "enabled": True},
+        {"id": "eu-off", "enabled": False},
+        {"id": "eu-opted", "enabled": True},
+        {"id": "eu-huge", "enabled": True, "min_vram_mib": 80000},
+        {"id": "eu-mid", "enabled": True, "min_vram_mib": 8000},
+    ]
+    publish(participation={"modes": ["testnet", "mainnet"], "subclouds": subclouds})
+    converged(once(node, env))
+
+    part = json.loads((node.state_dir / "runtime" / "participation.json").read_text())
+    assert part["modes"] == ["testnet"]
+    assert part["subclouds"] == ["eu-small", "eu-mid"]
+    excluded = {e["id"] for e in part["excluded"]}
+    assert excluded == {"eu-opted", "eu-huge"}
+    [first] = receipts(node, head(node)["commit"])
+    assert first["participation"]["joined"] == ["eu-small", "eu-mid"]
+
+    changed = [*subclouds[1:], {"id": "us-new", "enabled": True}]
+    publish(participation={"modes": ["testnet"], "subclouds": changed})
+    converged(once(node, env))
+
+    [second] = receipts(node, head(node)["commit"])
+    assert second["participation"]["joined"] == ["us-new"]
+    assert second["participation"]["left"] == ["eu-small"]
+    assert second["participation"]["subclouds"] == ["eu-mid", "us-new"]
+
+
+def test_an_approved_agent_version_is_shown_and_the_agent_update_hook_runs_once(
+    node: NodeUnderTest,
+    publish: Publish,
+    podman_clean: PodmanService,
+    hooks: Path,
+    env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    calls = tmp_path / "agent-update.calls"
+    write_hook(
+        hooks,
+        "agent-update",
+        f'echo "$RECONCILE_AGENT_VERSION $RECONCILE_AGENT_RUNNING $RECONCILE_AGENT_DIGEST"'
+        f" >> {calls}; echo installing",
+    )
+    digest = "sha256:" + "ab" * 32
+    body = base_snapshot()
+    updates = {**body["updates"], "agent": {"version": "9.9.9", "digest": digest}}
+    publish(updates=updates)
+
+    converged(once(node, env))
+    converged(once(node, env))
+
+    from reconciler import __version__
+
+    assert calls.read_text().splitlines() == [f"9.9.9 {__version__} {digest}"]
+    status = node.status()
+    assert status["agent"] == {
+        "running": __version__,
+        "approved": "9.9.9",
+        "update_available": True,
+    }
+    assert "9.9.9 approved" in node.status_text()
+    assert node.record()["agent_update"]["version"] == "9.9.9"
+    assert node.record()["agent_update"]["exit_code"] == 0
+    [receipt] = receipts(node, head(node)["commit"])
+    [hook] = [h for h in receipt["hooks"] if h["name"] == "agent-update"]
+    assert hook["output"].strip() == "installing"
