@@ -542,8 +542,9 @@ class ModelStore:
 
     def verify_all(self, *, repair: bool = True) -> list[BadFile]:
         """Hash every blob and every installed tree file again, ignoring the index. Each bad
-        file is reported; with ``repair`` it is deleted, so the next apply fetches and links it
-        again (the model shows Pending meanwhile)."""
+        file is reported and a bad blob loses its verified record (the next ``is_installed``
+        is False, the next fetch hashes it again); with ``repair`` it is also deleted, so the
+        next apply fetches and links it again (the model shows Pending meanwhile)."""
         bad: list[BadFile] = []
         good_inodes: dict[int, str] = {}
         bad_inodes: set[int] = set()
@@ -552,9 +553,11 @@ class ModelStore:
             for blob in sorted(_files(self.blob_dir)):
                 problem = self._verify_blob_file(blob, index, good_inodes, bad_inodes)
                 if problem is not None:
+                    # Forget it was ever verified, repair or not: otherwise the cheap stat check
+                    # would keep trusting a blob whose bytes rotted under an unchanged stat.
+                    index.blobs.pop(blob.name, None)
                     if repair:
                         blob.unlink(missing_ok=True)
-                        index.blobs.pop(blob.name, None)
                     bad.append(BadFile(blob, f"sha256:{blob.name}", problem, repaired=repair))
             for installed in self.installed_models():
                 bad.extend(self._verify_tree(installed, good_inodes, bad_inodes, repair=repair))
