@@ -2,8 +2,8 @@
 
 Edge module (reads git, files). Every commit reachable from HEAD, ``main`` and the snapshot refs
 is re-verified against the root that accepted it (``Root-Version``), ignoring expiry and
-serial (contract §3); every receipt against ``node.pub``; every installed model file's hash
-(via the model store, when there is one). It reports each problem; it repairs nothing.
+serial (contract §3); every receipt against ``node.pub``; the hash of every model blob and
+installed model file (via the model store). It reports each problem; it repairs nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ from reconciler.errors import HistoryError, RejectedError
 from reconciler.node import Node
 from reconciler.trust import reverify_snapshot
 
-__all__ = ["Finding", "VerifyReport", "verify_history", "verify_node", "verify_receipts"]
+__all__ = [
+    "Finding",
+    "VerifyReport",
+    "verify_history",
+    "verify_models",
+    "verify_node",
+    "verify_receipts",
+]
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,25 @@ def verify_receipts(node: Node) -> tuple[int, list[Finding]]:
     return count, findings
 
 
+def verify_models(node: Node) -> tuple[int, list[Finding]]:
+    """(model files hashed, problems): every blob and installed tree file, read in full.
+
+    Nothing is deleted (``repair=False``); the store only forgets that a bad blob was ever
+    verified, so the next ``once`` hashes it again and fetches it anew.
+    """
+    from reconciler.errors import ReconcilerError
+    from reconciler.modelstore import ModelStore
+
+    store = ModelStore(node.paths)
+    try:
+        bad = store.verify_all(repair=False)
+    except ReconcilerError as exc:
+        return store.files_hashed, [Finding("models", exc.one_line())]
+    except OSError as exc:
+        return store.files_hashed, [Finding("models", f"cannot read {node.paths.models}: {exc}")]
+    return store.files_hashed, [Finding(f"model file {b.path}", b.reason) for b in bad]
+
+
 @dataclass(frozen=True)
 class VerifyReport:
     findings: list[Finding]
@@ -116,6 +142,9 @@ def verify_node(node: Node) -> VerifyReport:
     commits, findings = verify_history(node)
     receipts, receipt_findings = verify_receipts(node)
     findings.extend(receipt_findings)
-    summary = f"checked {commits} commit(s), {receipts} receipt(s): "
+    model_files, model_findings = verify_models(node)
+    findings.extend(model_findings)
+    summary = f"checked {commits} commit(s), {receipts} receipt(s)"
+    summary += f", {model_files} model file(s): " if model_files else ": "
     summary += f"{len(findings)} problem(s)" if findings else "all good"
     return VerifyReport(findings=findings, summary=summary)
