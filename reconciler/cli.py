@@ -157,13 +157,14 @@ def status(ctx: _Context, as_json: bool) -> None:
 
 @cli.command()
 @click.option("-n", "--limit", type=int, default=None, help="Show at most N entries.")
+@click.option("--receipts", is_flag=True, help="Show each apply attempt's receipt, decoded.")
 @pass_ctx
 @_mapped
-def log(ctx: _Context, limit: int | None) -> None:
+def log(ctx: _Context, limit: int | None, receipts: bool) -> None:
     """The audit trail in brief (git log in the state folder has it all)."""
     from reconciler.report import format_log
 
-    click.echo(format_log(ctx.node(), limit=limit))
+    click.echo(format_log(ctx.node(), limit=limit, receipts=receipts))
 
 
 @cli.command()

@@ -98,6 +98,8 @@ def status_report(node: Node, *, now: float | None = None) -> dict[str, Any]:
             "running": __version__,
             "approved": approved,
             "update_available": bool(approved and approved != __version__),
+            # The last run of the agent-update hook: {version, digest, exit_code, at} or None.
+            "update_hook": state.agent_update,
         },
         "counters": dict(state.counters),
     }
@@ -158,32 +160,75 @@ def format_status(report: dict[str, Any]) -> str:
         lines.append(f"model       {model['id']:<40} {model['state']}{reason}")
     agent = report["agent"]
     if agent["update_available"]:
-        lines.append(f"agent       {agent['running']} running, {agent['approved']} approved")
+        ran = agent.get("update_hook")
+        hook = (
+            f" (agent-update exited {ran['exit_code']} at {ran['at']})"
+            if ran and ran.get("version") == agent["approved"]
+            else ""
+        )
+        lines.append(f"agent       {agent['running']} running, {agent['approved']} approved{hook}")
     return "\n".join(lines)
 
 
-def format_log(node: Node, *, limit: int | None = None) -> str:
+def format_log(node: Node, *, limit: int | None = None, receipts: bool = False) -> str:
+    """One line per commit of HEAD's history; with ``receipts``, each apply attempt under it."""
     lines = []
     for info in node.history.log(limit=limit):
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.time))
-        results = [r.split(" ", 1)[0] for r in _receipt_results(node, info.oid)]
+        payloads = _receipt_payloads(node, info.oid)
+        results = [str(p.get("result", "?")) if p else "unreadable" for p in payloads]
         outcome = f"  applied: {', '.join(results)}" if results else ""
         lines.append(
             f"{info.oid[:10]}  {when}Z  serial {info.serial:<6} {info.digest[:19]}…  "
             f"{info.reason:<8} signed by {len(info.signed_by)}{outcome}"
         )
+        if receipts:
+            for number, payload in enumerate(payloads, start=1):
+                lines.extend(_receipt_summary(number, payload))
     return "\n".join(lines) if lines else "(no snapshots yet)"
 
 
-def _receipt_results(node: Node, oid: str) -> list[str]:
-    """The result word of each receipt on a commit (unverified: `verify` checks signatures)."""
+def _receipt_payloads(node: Node, oid: str) -> list[dict[str, Any] | None]:
+    """Each receipt on a commit, decoded (None if unreadable). Signatures are not checked
+    here: ``reconcile verify`` does that."""
     from reconciler.envelope import EnvelopeError, parse_envelope
 
-    results = []
+    payloads: list[dict[str, Any] | None] = []
     for line in node.history.notes(oid):
         try:
             payload = json.loads(parse_envelope(line.encode("utf-8")).payload)
-            results.append(str(payload.get("result", "?")))
-        except (EnvelopeError, ValueError, AttributeError):
-            results.append("unreadable")
-    return results
+        except (EnvelopeError, ValueError):
+            payload = None
+        payloads.append(payload if isinstance(payload, dict) else None)
+    return payloads
+
+
+def _receipt_summary(number: int, payload: dict[str, Any] | None) -> list[str]:
+    """A receipt in a few indented lines, as an operator reads it in ``reconcile log``."""
+    if payload is None:
+        return [f"    receipt {number}: unreadable"]
+    actions = payload.get("actions") or []
+    failed = sum(1 for a in actions if not a.get("ok"))
+    hooks = [
+        f"{h.get('name')} {'timed out' if h.get('timed_out') else h.get('exit_code')}"
+        for h in payload.get("hooks") or []
+        if h.get("ran")
+    ]
+    lines = [
+        f"    receipt {number}: {payload.get('result', '?')}  "
+        f"{payload.get('started_at', '?')} → {payload.get('finished_at', '?')}  "
+        f"reason {payload.get('reason', '?')}  "
+        f"{len(actions)} action(s){f', {failed} failed' if failed else ''}"
+        + (f"  hooks: {', '.join(hooks)}" if hooks else "")
+    ]
+    for action in actions:
+        what = action.get("action") or {}
+        container = (action.get("container_id") or "")[:12]
+        lines.append(
+            f"      {'ok  ' if action.get('ok') else 'FAIL'} {what.get('kind', '?')} "
+            f"{what.get('container', '?')}{f' ({container})' if container else ''}: "
+            f"{action.get('message', '')}"
+        )
+    if payload.get("error"):
+        lines.append(f"      error: {payload['error']}")
+    return lines
