@@ -853,14 +853,13 @@ def test_an_approved_agent_version_is_shown_and_the_agent_update_hook_runs_once(
 
     assert calls.read_text().splitlines() == [f"9.9.9 {__version__} {digest}"]
     status = node.status()
-    assert status["agent"] == {
-        "running": __version__,
-        "approved": "9.9.9",
-        "update_available": True,
-    }
-    assert "9.9.9 approved" in node.status_text()
+    assert status["agent"]["running"] == __version__
+    assert status["agent"]["approved"] == "9.9.9"
+    assert status["agent"]["update_available"] is True
+    assert status["agent"]["update_hook"]["exit_code"] == 0
+    assert "9.9.9 approved (agent-update exited 0" in node.status_text()
     assert node.record()["agent_update"]["version"] == "9.9.9"
-    assert node.record()["agent_update"]["exit_code"] == 0
+    assert node.record()["agent_update"]["digest"] == digest
     [receipt] = receipts(node, head(node)["commit"])
     [hook] = [h for h in receipt["hooks"] if h["name"] == "agent-update"]
     assert hook["output"].strip() == "installing"
