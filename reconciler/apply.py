@@ -364,19 +364,27 @@ def _record_interrupted(node: Node) -> None:
     if not marker:
         return
     oid = marker.get("commit")
+    state = node.state
+    # The attempt got as far as recording convergence and died before its receipt: say
+    # what happened (it converged), not that it was cut short.
+    finished = state.converged and state.applied_digest == marker.get("digest")
     if oid:
         payload = {
             "config_digest": marker.get("digest"),
             "serial": marker.get("serial"),
             "commit": oid,
-            "result": "interrupted",
+            "result": "converged" if finished else "interrupted",
             "reason": marker.get("reason"),
             "started_at": marker.get("started_at"),
             "finished_at": format_time(time.time()),
             "agent_version": __version__,
-            "error": "interrupted: the agent stopped during this apply; the next pass resumed it",
+            "error": None
+            if finished
+            else "interrupted: the agent stopped during this apply; the next pass resumed it",
             "actions": [],
         }
+        if finished:
+            payload["note"] = "the agent stopped after converging, before writing this receipt"
         try:
             node.history.append_note(oid, receipt_line(payload, node_key=node.paths.node_key))
         except ReconcilerError as exc:
@@ -400,6 +408,9 @@ def _sweep_temporaries(node: Node) -> None:
         for leftover in folder.glob(".*.tmp") if folder.is_dir() else ():
             log.info("removing %s (left by an interrupted write)", leftover)
             leftover.unlink(missing_ok=True)
+    if node.paths.repo.is_dir():
+        for leftover in node.history.discard_scratch_objects():
+            log.info("removed %s (left by an interrupted git write)", leftover)
 
 
 def _quarantined_head(node: Node, head: str) -> ConvergeOutcome | None:
@@ -476,7 +487,7 @@ def converge(
         with open_edge(node) as edge:
             node_plan = compute_plan(node, desired, edge=edge, store=store)
             if node_plan.empty:
-                return _settled(node, store, desired, started=started)
+                return _settled(node, store, desired, started=started, edge=edge, reason=reason)
             return _apply(
                 node,
                 node_plan,
@@ -495,10 +506,32 @@ def converge(
         )
 
 
-def _settled(node: Node, store: ModelStore, desired: Desired, *, started: float) -> ConvergeOutcome:
+def _settled(
+    node: Node,
+    store: ModelStore,
+    desired: Desired,
+    *,
+    started: float,
+    edge: PodmanEdge,
+    reason: str,
+) -> ConvergeOutcome:
     """Nothing to do. Record convergence if this is news (e.g. after a crash mid-record)."""
     state = node.state
     if not (state.converged and state.applied_digest == desired.digest):
+        # An interrupted pass made every change (Podman finished what it was asked) but
+        # never said so: this pass is the one that finds the node on HEAD, so it signs the
+        # receipt; otherwise the audit trail would never show this snapshot converged.
+        attempt = _Attempt(node, desired, reason=reason)
+        attempt.step("settled", "nothing left to do: an earlier pass had made every change")
+        payload = attempt.receipt(
+            result="converged", error=None, containers=_observed_view(edge), joined=[], left=[]
+        )
+        try:
+            node.history.append_note(
+                desired.commit, receipt_line(payload, node_key=node.paths.node_key)
+            )
+        except ReconcilerError as exc:
+            log.error("receipt not written: %s", exc.one_line())
         _mark_applied(node, desired)
         _write_model_states(node, store, desired)
     elif state.last_error is not None and state.last_error.kind == "apply":

@@ -337,3 +337,19 @@ class History:
             return [str(note.annotated_id) for note in notes]
         except (KeyError, pygit2.GitError):
             return []
+
+    # ---- upkeep --------------------------------------------------------------------------
+
+    def discard_scratch_objects(self) -> list[Path]:
+        """Delete the scratch files libgit2 writes objects through (``tmp_object_git2_*``).
+
+        A process killed while writing an object leaves one behind; git never reads it and
+        only ``git gc`` would remove it, weeks later. Call with the agent lock held: then no
+        other writer of this repository is mid-write.
+        """
+        objects = Path(self._repo.path) / "objects"
+        removed = []
+        for scratch in objects.glob("**/tmp_object_git2_*"):
+            scratch.unlink(missing_ok=True)
+            removed.append(scratch)
+        return removed
