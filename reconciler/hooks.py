@@ -1,8 +1,9 @@
 """Operator hooks (contract §7): ``pre-apply`` may veto, ``post-apply`` may extend.
 
 Edge module (subprocesses). A hook runs in its own process group with a timeout that kills
-the whole group (a hook that forks a daemon cannot outlive its timeout); its combined output
-is captured up to ``OUTPUT_CAP`` bytes for the receipt. The environment is the agent's own
+the whole group, and whatever the hook leaves in its group is killed when it is done (a hook
+that forks a daemon cannot outlive it, nor hold the agent past its timeout by keeping the
+output pipe open); its combined output is captured up to ``OUTPUT_CAP`` bytes for the receipt. The environment is the agent's own
 plus the ``RECONCILE_*`` variables, whose values the agent computes itself (digests, serial,
 reason, paths): nothing from the snapshot's free-form fields reaches a hook's environment.
 """
@@ -11,9 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,21 +49,36 @@ class HookResult:
         }
 
 
-def _drain(stream: object, sink: bytearray) -> None:
-    # Keep reading past the cap so a chatty hook never blocks on a full pipe.
-    assert hasattr(stream, "read")
-    while chunk := stream.read(65536):
-        room = OUTPUT_CAP - len(sink)
-        if room > 0:
-            sink.extend(chunk[:room])
+def _exited(pid: int) -> bool:
+    """Whether the hook's own process has ended, without reaping it: an unreaped zombie keeps
+    its pid, and so its process-group id, from being reused before the group is killed."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process left in the hook's group (its unreaped leader keeps the id)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 def run_hook(hooks_dir: Path, name: str, *, env: Mapping[str, str], timeout_s: float) -> HookResult:
-    """Run ``hooks_dir/name`` if it exists and is executable; never raises for its failure."""
+    """Run ``hooks_dir/name`` if it exists and is executable; never raises for its failure.
+
+    The hook is its process group. It is done when its own process has exited and its output
+    is closed (background children still writing to it are part of the hook). At
+    ``timeout_s`` whatever is left of the group is killed; after the hook is done, any
+    process it left in its group is killed too, so nothing a hook starts outlives it (a
+    service it means to start belongs to the service manager). The verdict is the exit code
+    of the hook's own process (None if it was still running at the timeout).
+    """
     path = hooks_dir / name
     if not path.is_file() or not os.access(path, os.X_OK):
         return HookResult(name=name, ran=False, exit_code=None, output="")
     started = time.monotonic()
+    deadline = started + timeout_s
     try:
         process = subprocess.Popen(
             [str(path)],
@@ -75,24 +91,34 @@ def run_hook(hooks_dir: Path, name: str, *, env: Mapping[str, str], timeout_s: f
         )
     except OSError as exc:
         return HookResult(name=name, ran=True, exit_code=126, output=f"cannot run: {exc.strerror}")
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
     output = bytearray()
-    reader = threading.Thread(target=_drain, args=(process.stdout, output), daemon=True)
-    reader.start()
+    closed = False
     timed_out = False
     try:
-        code: int | None = process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        code = None
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    # Children of the hook may still hold the pipe open; after a kill, the group is gone.
-    reader.join(timeout=2.0)
-    if process.stdout is not None:
+        while not (closed and _exited(process.pid)):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            if closed:
+                time.sleep(min(0.05, remaining))
+                continue
+            ready, _, _ = select.select([fd], [], [], min(0.1, remaining))
+            if ready:
+                # Keep reading past the cap so a chatty hook never blocks on a full pipe.
+                chunk = os.read(fd, 65536)
+                closed = not chunk
+                output.extend(chunk[: max(0, OUTPUT_CAP - len(output))])
+    finally:
+        _kill_group(process.pid)
+        code: int | None = process.wait()
         process.stdout.close()
     text = output.decode("utf-8", errors="replace")
     if timed_out:
+        if code == -signal.SIGKILL:
+            code = None  # killed by us, not an answer
         text += f"\n[killed after {timeout_s:g} s]"
     return HookResult(
         name=name,
