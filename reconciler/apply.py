@@ -797,9 +797,11 @@ def _ensure_models(node: Node, store: ModelStore, desired: Desired, *, offline: 
     if offline:
         report = store.ensure(desired.snapshot.models, client=None, base_url=None)
         if report.missing:
+            first = report.missing[0]
+            owner = next(m.id for m in desired.snapshot.models if first in m.files)
             raise DownloadError(
                 f"offline: {len(report.missing)} model file(s) are not on disk "
-                f"(first: {report.missing[0].path})"
+                f"(first: {owner}/{first.path})"
             )
         return
     with new_client() as client:

@@ -347,7 +347,7 @@ def test_once_offline_with_a_missing_file_fails_without_contacting_the_server(
 
     line = one_line(agent.run("once", "--offline"))
 
-    assert line == "offline: 1 model file(s) are not on disk (first: weights.bin)"
+    assert line == "offline: 1 model file(s) are not on disk (first: tiny:v1/weights.bin)"
     assert agent.server.stats.total_requests() == 0
     assert not agent.tree(model).exists()
     assert agent.node.status()["converged"] is False
