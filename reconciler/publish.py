@@ -10,6 +10,8 @@ publisher cannot sign what every node would reject.
 from __future__ import annotations
 
 import json
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +108,24 @@ def _previous_head(origin: Path) -> dict[str, Any] | None:
     return head if isinstance(head, dict) else None
 
 
+def _wait_for_a_new_second(path: Path) -> None:
+    """Let head.json's mtime move to a later second than the one it replaces.
+
+    Stock web servers derive validators from the mtime in whole seconds: nginx's ETag is
+    (mtime, size), Last-Modified is the mtime. Two heads of the same size written within one
+    second would look identical, and a node that polled between them would be answered 304
+    until the next publish. Waits at most one second; a previous mtime further in the future
+    (the clock went back) is not waited for.
+    """
+    try:
+        previous = math.floor(path.stat().st_mtime)
+    except FileNotFoundError:
+        return
+    wait = previous + 1 - time.time()
+    if 0 < wait <= 1.0:
+        time.sleep(wait)
+
+
 def _write_head(
     origin: Path,
     *,
@@ -124,7 +144,9 @@ def _write_head(
         "expires": format_time(expires),
     }
     _checked("head", head)
-    write_atomic(origin / "head.json", seal(HEAD_TYPE, canonical_json(head), signers))
+    envelope = seal(HEAD_TYPE, canonical_json(head), signers)
+    _wait_for_a_new_second(origin / "head.json")
+    write_atomic(origin / "head.json", envelope)
 
 
 def publish_snapshot(
