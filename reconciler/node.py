@@ -55,7 +55,8 @@ class Node:
         entry = LastError(at=format_time(time.time()), kind=kind, message=error.one_line())
         state = self.state.with_error(entry)
         if kind == "rejected":
-            state = replace(state, last_rejection=entry)
+            # Counted for reconciler_fetch_rejections_total (docs/status.md).
+            state = replace(state, last_rejection=entry).bump("rejections")
         self.save(state)
 
     def head_ttl(self) -> Ttl | None:
