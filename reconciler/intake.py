@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 
-from reconciler.documents import Root, format_time
+from reconciler.documents import Root, format_time, parse_time
 from reconciler.errors import OriginUnreachableError, RejectedError
 from reconciler.history import StoredSnapshot
 from reconciler.node import Node
@@ -24,6 +24,7 @@ from reconciler.trust import (
     DEFAULT_LIMITS,
     TrustLimits,
     VerifiedRoot,
+    check_cached_head_fresh,
     check_root_fresh,
     check_stored_snapshot,
     verify_head,
@@ -94,6 +95,8 @@ def _fetch(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> Fe
     )
     answer = origin.get("head.json", max_bytes=limits.head_max_bytes, etag=known_etag)
     if answer.status == 304:
+        if state.last_head_expires is not None:
+            check_cached_head_fresh(parse_time(state.last_head_expires), now=now, limits=limits)
         node.save(_succeeded(node, now=now))
         return FetchResult(
             "current", state.last_digest, state.last_serial, "head.json not modified"

@@ -48,6 +48,7 @@ __all__ = [
     "VerifiedHead",
     "VerifiedRoot",
     "VerifiedSnapshot",
+    "check_cached_head_fresh",
     "check_root_fresh",
     "check_stored_snapshot",
     "reverify_snapshot",
@@ -186,6 +187,18 @@ def verify_next_root(
 def check_root_fresh(root: Root, *, now: float, limits: TrustLimits = DEFAULT_LIMITS) -> None:
     """Only the newest root of a walk must be unexpired."""
     _check_expiry(f"root/{root.version}.json", root.expires, now, limits.clock_skew_s)
+
+
+def check_cached_head_fresh(
+    expires: int, *, now: float, limits: TrustLimits = DEFAULT_LIMITS
+) -> None:
+    """An origin answering "not modified" re-serves the head the node holds: it must still be
+    unexpired, or a frozen origin could keep the node on an old snapshot without a word."""
+    if expires + limits.clock_skew_s <= now:
+        raise RejectedError(
+            "head.json",
+            f"expired at {format_time(expires)} (the origin answers 'not modified')",
+        )
 
 
 def verify_head(
