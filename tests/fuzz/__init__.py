@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing (atheris) of the envelope and payload parsers; see harness.py."""
