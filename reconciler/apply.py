@@ -67,6 +67,7 @@ log = logging.getLogger("reconciler")
 # Files under runtime/ whose change the runtime is told about (contract §2: notify).
 NOTIFYING_FILES = ("jobs.json", "participation.json")
 _HISTORY_KEPT = 50  # applied digests remembered in the node record
+_FETCH_ERROR_KINDS = frozenset({"rejected", "unreachable"})  # recorded by intake
 
 
 @dataclass(frozen=True)
@@ -608,7 +609,11 @@ def _mark_applied(node: Node, desired: Desired) -> None:
             applied_at=format_time(time.time()),
             applied_history=tuple(history[-_HISTORY_KEPT:]),
             converged=True,
-            last_error=None,
+            # A fetch error stays until a fetch works (intake clears it): converging on the
+            # last known snapshot says nothing about the origin.
+            last_error=state.last_error
+            if state.last_error is not None and state.last_error.kind in _FETCH_ERROR_KINDS
+            else None,
         )
     )
 
