@@ -863,3 +863,85 @@ def test_an_approved_agent_version_is_shown_and_the_agent_update_hook_runs_once(
     [receipt] = receipts(node, head(node)["commit"])
     [hook] = [h for h in receipt["hooks"] if h["name"] == "agent-update"]
     assert hook["output"].strip() == "installing"
+
+
+# ---- 8. offline and stale ------------------------------------------------------------------
+
+
+def _closed_port_origin() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+def test_with_the_origin_down_once_exits_5_but_keeps_head_converged_and_repairs_drift(
+    node: NodeUnderTest,
+    publish: Publish,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    env: dict[str, str],
+) -> None:
+    release = publish(runtimes=[runtime("web", test_images["web"])])
+    converged(once(node, env))
+    podman_clean.cli("rm", "--force", "--time", "0", "reconciler-web")
+
+    outcome = once(node, {**env, "RECONCILER_ORIGIN": _closed_port_origin()})
+
+    assert outcome.exit_code == 5
+    assert "origin unreachable" in outcome.stderr
+    assert running(podman_clean) == {"reconciler-web": release.digest}
+    status = node.status()
+    assert status["converged"] is True
+    assert status["last_error"]["kind"] == "unreachable"
+
+
+def test_an_expired_head_with_nothing_newer_keeps_head_running_and_status_says_stale(
+    node: NodeUnderTest,
+    simulator: RepositorySimulator,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    env: dict[str, str],
+) -> None:
+    # Expired a minute ago: still accepted within the 5 min clock-skew allowance.
+    release = simulator.publish(
+        body=snapshot_body(runtimes=[runtime("web", test_images["web"])]), head_expires_in=-60
+    )
+    converged(once(node, env))
+    converged(once(node, env))
+
+    status = node.status()
+    assert status["stale"]["stale"] is True
+    assert status["stale"]["since"] == status["last_accepted"]["head_expires"]
+    assert f"stale       since {status['stale']['since']}" in node.status_text()
+    assert status["converged"] is True
+    assert running(podman_clean) == {"reconciler-web": release.digest}
+
+
+def test_once_offline_contacts_no_origin_or_mirror_and_says_what_is_missing(
+    node: NodeUnderTest,
+    publish: Publish,
+    file_server: FileServer,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    env: dict[str, str],
+) -> None:
+    first = publish(runtimes=[runtime("web", test_images["web"])])
+    converged(once(node, env))
+    model = served_model(file_server, "tiny", "v1", {"w.bin": b"w" * 10})
+    publish(models=[model], runtimes=[runtime("web", test_images["web"])])
+    node.run("fetch", env=env).ok()
+    file_server.stats.reset()
+
+    outcome = once(node, env, "--offline")
+
+    assert outcome.exit_code == 1
+    assert "offline" in outcome.stdout
+    assert "w.bin" in outcome.stdout
+    assert file_server.stats.total_requests() == 0
+    assert running(podman_clean) == {"reconciler-web": first.digest}  # nothing changed…
+    assert [r["result"] for r in receipts(node, head(node)["commit"])] == ["failed"]
+    converged(once(node, env))  # …until the node is online again
+    assert file_server.stats.requests("/models/tiny/v1/w.bin") == 1
