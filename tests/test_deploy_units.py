@@ -9,8 +9,9 @@
   read-only root). Generating the service from it needs Quadlet (Podman >= 4.4): skipped, with
   that reason, where Podman is older.
 * ``Containerfile``: what it copies exists and its entry point is ``reconcile watch``. Building
-  it needs a Python base image and PyPI inside the build, which CI does not have: it runs only
-  when ``RECONCILER_TEST_BASE_IMAGE`` names a local image.
+  it needs a Python base image and PyPI inside the build, which CI does not have: the image
+  is built and run (``reconcile once`` inside it, with the Quadlet's options, converging a
+  node) only when ``DEPLOY_TEST_BASE_ROOTFS`` names a root filesystem tar to build on.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ import re
 import shlex
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from reconciler.settings import DEFAULT_CONFIG_PATH, DEFAULT_PODMAN_URL, Settings
+from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.podman_fixtures import PodmanService
+from tests.support.signing import RepositorySimulator, base_snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "docs" / "deploy"
@@ -191,7 +195,8 @@ def _podman_run_options(
     unit: Unit, *, host_paths: dict[str, str], inside_paths: dict[str, str]
 ) -> list[str]:
     """The `podman run` options Quadlet makes of the [Container] keys this unit uses, with
-    volume paths moved (host side and container side separately)."""
+    volume paths moved (host side and container side separately; the container side's moves
+    apply to environment values too)."""
     options: list[str] = []
     section = unit["Container"]
     for key, values in section.items():
@@ -201,6 +206,8 @@ def _podman_run_options(
                 spec = f"{host_paths.get(host, host)}:{inside_paths.get(container, container)}"
                 options += ["--volume", spec + (":" + ":".join(rest) if rest else "")]
             elif key == "Environment":
+                for old, new in inside_paths.items():
+                    value = value.replace(old, new)
                 options += ["--env", value]
             elif key in _FLAGS:
                 options += _FLAGS[key] if value == "true" else []
@@ -238,7 +245,7 @@ def test_quadlet_container_options_work_with_podman(
         [
             "set -e",
             f"test -S {SOCKET}",
-            f'test "$RECONCILER_CONFIG" = {DEFAULT_CONFIG_PATH}',
+            f'test "$RECONCILER_CONFIG" = {settings}/{DEFAULT_CONFIG_PATH.name}',
             f"cat {settings}/config.toml",
             f"touch {state}/written-inside",
             f"if touch {settings}/x 2>/dev/null; then echo settings-writable; exit 1; fi",
@@ -313,15 +320,23 @@ def test_containerfile_copies_what_exists_and_runs_reconcile_watch() -> None:
 
 @pytest.mark.podman
 @pytest.mark.slow
-def test_containerfile_builds_and_the_image_runs_reconcile(
-    tmp_path: Path, podman_clean: PodmanService
+def test_the_built_image_converges_a_node_with_the_quadlet_options(
+    tmp_path: Path,
+    podman_clean: PodmanService,
+    test_images: dict[str, str],
+    make_node: Callable[..., NodeUnderTest],
 ) -> None:
-    base = os.environ.get("RECONCILER_TEST_BASE_IMAGE")
-    if not base:
+    """Containerfile → image → `reconcile once` inside it, run with reconciler.container's
+    options against the private Podman service: the runtime container it makes is the host's."""
+    rootfs = os.environ.get("DEPLOY_TEST_BASE_ROOTFS")
+    if not rootfs:
         pytest.skip(
             "needs a Python base image and PyPI inside the build (CI has neither): set "
-            "RECONCILER_TEST_BASE_IMAGE to a local image with python3 >= 3.11 and pip"
+            "DEPLOY_TEST_BASE_ROOTFS to a root filesystem tar with python3 >= 3.11 and pip "
+            "(docs/deploy/host-python-rootfs.sh makes one)"
         )
+    base = "localhost/reconciler-test-base:latest"
+    podman_clean.cli("import", rootfs, base, timeout=600)
     context = tmp_path / "context"
     context.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -330,22 +345,37 @@ def test_containerfile_builds_and_the_image_runs_reconcile(
         shutil.copytree(REPO / name, context / name, ignore=shutil.ignore_patterns("__pycache__"))
     tag = "localhost/reconciler-test:build"
     build = podman_clean.cli(
-        "build",
-        "--network=host",
-        "--build-arg",
-        f"BASE={base}",
-        "-f",
-        str(CONTAINERFILE),
-        "-t",
-        tag,
-        str(context),
+        *("build", "--network=host", "--build-arg", f"BASE={base}"),
+        *("-f", str(CONTAINERFILE), "-t", tag, str(context)),
         check=False,
         timeout=900,
     )
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     try:
-        run = podman_clean.cli("run", "--rm", tag, "--version", check=False)
-        assert run.returncode == 0, run.stderr
-        assert run.stdout.startswith("reconcile, version")
+        # A network with one runtime, served from a folder (file:// origin).
+        origin = tmp_path / "origin"
+        simulator = RepositorySimulator(folder=origin)
+        simulator.write("models/tiny-llm/config.json", b"abc")
+        body = base_snapshot()
+        body["runtimes"] = [
+            {"name": "probe", "image": test_images["sleeper"], "models": ["tiny-llm:v1"]}
+        ]
+        simulator.publish(body=body)
+        node = make_node(f"file://{origin}/", simulator.roots[1], RECONCILER_DISK_RESERVE_BYTES="0")
+        unit = read_unit(QUADLET)
+        # Settings, state and origin at the same paths inside and out; the socket where the
+        # agent looks for it by default.
+        moved = {STATE_DIR: str(node.state_dir), str(DEFAULT_CONFIG_PATH.parent): str(node.home)}
+        options = _podman_run_options(
+            unit,
+            host_paths={**moved, SOCKET: podman_clean.url.removeprefix("unix://")},
+            inside_paths=moved,
+        )
+        options += ["--volume", f"{origin}:{origin}:ro"]
+        run = podman_clean.cli("run", "--rm", *options, tag, "once", check=False, timeout=300)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert node.status()["converged"] is True
+        names = podman_clean.cli("ps", "--format", "{{.Names}}").stdout.split()
+        assert "reconciler-probe" in names
     finally:
-        podman_clean.cli("rmi", "--force", tag, check=False)
+        podman_clean.cli("rmi", "--force", tag, base, check=False)
