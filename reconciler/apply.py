@@ -5,25 +5,32 @@ agent lock held. It composes the pure core (desired, plan, participation) with t
 (history, containers, modelstore, hooks, receipts) in one documented order
 (docs/apply-order.md):
 
- 1. re-verify HEAD's commit against the root that accepted it (an unverified tree is never
-    applied) and compute the desired state;
- 2. observe Podman and the model store, plan; a converged node stops here (no hook, no
-    receipt, no model byte read);
+ 0. clean up after a crash: leftover temporaries, and a receipt for an attempt that died
+    (``interrupted``); a HEAD moved with git becomes a hold;
+ 1. skip a quarantined HEAD the node is not running; re-verify HEAD's commit against the root
+    that accepted it (an unverified tree is never applied) and compute the desired state;
+ 2. observe Podman and the model store, plan; a converged node stops here (no hook, no model
+    byte read; a receipt only if convergence is news after a crash);
  3. ``pre-apply`` hook (a veto changes nothing);
  4. fetch everything needed while nothing running is touched: model blobs (space checked
-    first) and trees, then the container plan's pulls come first in its order;
+    first) and trees, then the images (a plan with conflicts is refused here);
  5. runtime files (``jobs.json``, ``participation.json``, ``env``, …) written atomically, so
     new containers start with them;
  6. containers by their strategy, each gated on health; runtimes whose ``jobs.json`` changed
     are notified (restart or signal);
  7. prune: model trees HEAD no longer has, blobs outside the retention window;
- 8. record: node record, receipt note (signed), ``post-apply`` hook.
+ 8. record: node record, ``agent-update`` hook (once per approved release), ``post-apply``
+    hook, the signed receipt (with every hook's output), model states.
 
 Failure policy (contract §5): a ``SnapshotFaultError`` (the snapshot's own fault: a container
 that will not start or stay healthy, an unsafe definition) rolls back to the last converged
 snapshot as a ``Reason: rollback`` commit and quarantines the digest; anything else is recorded
 and retried on the next pass with nothing quarantined. A rollback that itself fails is not
-rolled back again (no apply/rollback loops).
+rolled back again (no apply/rollback loops), and the snapshot the node already converged on is
+never quarantined (its failure is retried).
+
+``RECONCILER_TEST_DIE_AT=<point>`` (``CRASH_POINTS``) is a test seam: the agent SIGKILLs
+itself at that step boundary (tests/test_crash.py).
 """
 
 from __future__ import annotations
@@ -845,24 +852,29 @@ def _fault(
         log.error("snapshot %s (serial %d) quarantined: %s", digest, serial, exc.one_line())
     node.save(replace(state, converged=False))
     node.record_error("snapshot" if not repeat else "apply", exc)
+    previous = node.state.applied_digest
+    roll_back = allow_rollback and previous is not None and not repeat
     if receipt_commit is not None:
+        # Refused before any attempt (an unsafe definition): no hooks ran, nothing changed.
         payload = {
             "config_digest": digest,
             "serial": serial,
             "commit": receipt_commit,
-            "result": "failed",
-            "reason": "fetch",
+            "result": "rolled-back" if roll_back else "failed",
+            "reason": node.history.info(receipt_commit).reason,
             "started_at": format_time(time.time()),
             "finished_at": format_time(time.time()),
             "agent_version": __version__,
             "error": exc.one_line(),
             "actions": [],
         }
-        node.history.append_note(
-            receipt_commit, receipt_line(payload, node_key=node.paths.node_key)
-        )
-    previous = node.state.applied_digest
-    if not allow_rollback or previous is None or repeat:
+        try:
+            node.history.append_note(
+                receipt_commit, receipt_line(payload, node_key=node.paths.node_key)
+            )
+        except ReconcilerError as failure:
+            log.error("receipt not written: %s", failure.one_line())
+    if not roll_back or previous is None:
         return ConvergeOutcome(
             False,
             "failed",
