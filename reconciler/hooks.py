@@ -3,9 +3,10 @@
 Edge module (subprocesses). A hook runs in its own process group with a timeout that kills
 the whole group, and whatever the hook leaves in its group is killed when it is done (a hook
 that forks a daemon cannot outlive it, nor hold the agent past its timeout by keeping the
-output pipe open); its combined output is captured up to ``OUTPUT_CAP`` bytes for the receipt. The environment is the agent's own
-plus the ``RECONCILE_*`` variables, whose values the agent computes itself (digests, serial,
-reason, paths): nothing from the snapshot's free-form fields reaches a hook's environment.
+output pipe open); its combined output is captured up to ``OUTPUT_CAP`` bytes for the
+receipt. The environment is the agent's own plus the ``RECONCILE_*`` variables, whose values
+the agent computes itself (digests, serial, reason, paths): nothing from the snapshot's
+free-form fields reaches a hook's environment.
 """
 
 from __future__ import annotations
