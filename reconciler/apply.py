@@ -707,10 +707,16 @@ def _apply(
     )
     attempt.hooks.append(pre)
     if not pre.ok:
-        why = pre.output.strip().splitlines()[-1] if pre.output.strip() else "no output"
-        veto = HookVetoError(
-            f"pre-apply vetoed serial {desired.serial} (exit {pre.exit_code}): {why[:200]}"
+        said = [line for line in pre.output.splitlines() if line.strip()]
+        if pre.timed_out and said:
+            said.pop()  # run_hook's own "[killed after N s]"
+        how = (
+            f"timed out after {node.settings.hook_timeout_s:g} s"
+            if pre.exit_code is None
+            else f"exit {pre.exit_code}"
         )
+        why = said[-1].strip() if said else "no output"
+        veto = HookVetoError(f"pre-apply vetoed serial {desired.serial} ({how}): {why[:200]}")
         node.record_error("veto", veto)
         return finish("vetoed", veto)
     _crash_point("after-pre-apply")

@@ -297,7 +297,9 @@ def test_a_vetoing_pre_apply_changes_nothing_and_is_recorded(
     assert status["converged"] is False
     assert status["head"]["digest"] == second.digest
     assert status["applied"]["digest"] == first.digest
-    assert "maintenance window closed" in status["last_error"]["message"]
+    assert status["last_error"]["message"] == (
+        "pre-apply vetoed serial 2 (exit 3): maintenance window closed"
+    )
     assert status["quarantined"] == []
     [receipt] = receipts(node, head(node)["commit"])
     assert receipt["result"] == "vetoed"
@@ -335,6 +337,8 @@ def test_a_pre_apply_hook_past_its_timeout_is_killed_and_vetoes(
     assert pre["timed_out"] is True
     assert pre["exit_code"] is None
     assert "killed after 1 s" in pre["output"]
+    assert receipt["error"] == "pre-apply vetoed serial 1 (timed out after 1 s): no output"
+    assert node.status()["last_error"]["message"] == receipt["error"]
 
 
 # ---- 3. automatic rollback and quarantine --------------------------------------------------
