@@ -1,14 +1,19 @@
 """Crash-safe file replacement: write aside, fsync, rename over, fsync the folder.
 
 Edge module (filesystem). A reader sees the old bytes or the new ones, never a mix, even if
-the process is killed or the machine loses power in between.
+the process is killed or the machine loses power in between. A write that fails leaves the
+old file as it was and raises one of the project's errors (``DiskSpaceError`` for a full
+disk, ``TransientError`` otherwise, e.g. a read-only state folder), never a bare ``OSError``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+from reconciler.errors import DiskSpaceError, TransientError
 
 __all__ = ["fsync_dir", "write_atomic"]
 
@@ -23,6 +28,15 @@ def fsync_dir(folder: Path) -> None:
 
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data``; the temporary file shares the folder (same filesystem)."""
+    try:
+        _write_atomic(path, data, mode=mode)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskSpaceError(f"disk full while writing {path}") from exc
+        raise TransientError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -450,15 +450,22 @@ class _HashingWriter:
 _QUEUE_DEPTH = 4  # batches of CHUNK_BYTES waiting to be hashed, per download
 
 
+# writev takes at most this many buffers (EINVAL beyond): a mirror that trickles makes a
+# batch of many tiny chunks.
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
+
 def _write_all(fd: int, chunks: list[bytes]) -> None:
-    remaining = sum(len(c) for c in chunks)
-    written = os.writev(fd, chunks)
-    if written == remaining:
-        return
-    # A short write (rare; signals, some filesystems): finish it the slow way.
-    rest = memoryview(b"".join(chunks))[written:]
-    while rest:
-        rest = rest[os.write(fd, rest) :]
+    for start in range(0, len(chunks), _IOV_MAX):
+        group = chunks[start : start + _IOV_MAX]
+        remaining = sum(len(c) for c in group)
+        written = os.writev(fd, group)
+        if written == remaining:
+            continue
+        # A short write (rare; signals, some filesystems): finish it the slow way.
+        rest = memoryview(b"".join(group))[written:]
+        while rest:
+            rest = rest[os.write(fd, rest) :]
 
 
 class _Partial:

@@ -1,6 +1,7 @@
 """The state repository (contract §4): every accepted snapshot is a git commit.
 
-Edge module (pygit2): pygit2's exceptions stay inside and become ``HistoryError``. It stores
+Edge module (pygit2): pygit2's exceptions stay inside and become ``HistoryError`` (libgit2
+reports a full disk or a read-only folder as ``OSError``: those too). It stores
 and reads commits, moves ``main``, appends receipt notes; it decides nothing about trust.
 
 Layout:
@@ -109,7 +110,7 @@ class History:
             path.mkdir(parents=True, exist_ok=True)
             repo = pygit2.init_repository(str(path), bare=False, initial_head="main")
             return cls(repo)
-        except pygit2.GitError as exc:
+        except (pygit2.GitError, OSError) as exc:
             raise HistoryError(f"cannot open the state repository {path}: {exc}") from exc
 
     @property
@@ -245,7 +246,7 @@ class History:
             sig = self._signature()
             parents = [pygit2.Oid(hex=parent)] if parent else []
             oid = self._repo.create_commit(None, sig, sig, _message(stored, reason), tree, parents)
-        except pygit2.GitError as exc:
+        except (pygit2.GitError, OSError) as exc:
             raise HistoryError(f"cannot write a commit: {exc}") from exc
         return str(oid)
 
@@ -256,7 +257,7 @@ class History:
             raise HistoryError(f"{name} moved under us (expected {expected}, found {current})")
         try:
             self._repo.create_reference_direct(name, pygit2.Oid(hex=oid), True, message=log)
-        except pygit2.GitError as exc:
+        except (pygit2.GitError, OSError) as exc:
             raise HistoryError(f"cannot update {name}: {exc}") from exc
 
     def store(self, stored: StoredSnapshot, *, advance: bool) -> tuple[str, bool]:
@@ -302,7 +303,7 @@ class History:
         try:
             self._repo.set_head(MAIN)
             self._repo.checkout(MAIN, strategy=pygit2.GIT_CHECKOUT_FORCE)
-        except pygit2.GitError as exc:
+        except (pygit2.GitError, OSError) as exc:
             raise HistoryError(f"cannot check out main: {exc}") from exc
 
     def _move_main(self, oid: str, *, expected: str | None, log: str) -> None:
@@ -311,7 +312,7 @@ class History:
             if self._repo.head_is_detached or self._repo.head_is_unborn:
                 self._repo.set_head(MAIN)
             self._repo.checkout(MAIN, strategy=pygit2.GIT_CHECKOUT_FORCE)
-        except pygit2.GitError as exc:
+        except (pygit2.GitError, OSError) as exc:
             raise HistoryError(f"cannot check out main: {exc}") from exc
 
     # ---- receipts ------------------------------------------------------------------------
@@ -328,7 +329,7 @@ class History:
         sig = self._signature()
         try:
             self._repo.create_note("\n".join(lines) + "\n", sig, sig, oid, NOTES, True)
-        except pygit2.GitError as exc:
+        except (pygit2.GitError, OSError) as exc:
             raise HistoryError(f"cannot write the receipt note: {exc}") from exc
 
     def noted_commits(self) -> list[str]:

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from reconciler.errors import LockHeldError
+from reconciler.errors import LockHeldError, TransientError
 
 __all__ = ["state_lock"]
 
@@ -29,8 +29,11 @@ def _holder(fd: int) -> int | None:
 @contextlib.contextmanager
 def state_lock(path: Path, *, wait_s: float = 0.0) -> Iterator[None]:
     """Hold the lock for the block; wait up to ``wait_s`` seconds, else ``LockHeldError``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a read-only or missing state folder: one line, not a traceback
+        raise TransientError(f"cannot open the lock file {path}: {exc.strerror or exc}") from exc
     try:
         deadline = time.monotonic() + wait_s
         while True:
@@ -41,12 +44,16 @@ def state_lock(path: Path, *, wait_s: float = 0.0) -> Iterator[None]:
                 if time.monotonic() >= deadline:
                     raise LockHeldError(_holder(fd)) from None
                 time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        # The pid is only for the message of the next process that finds the lock held: a
+        # full disk must not stop the agent from running (it may be what frees space).
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
