@@ -1,0 +1,181 @@
+"""Services a fault test may stop and start at will, apart from the session's own.
+
+* ``PrivatePodman``: a second ``podman system service`` with its own storage, run folder and
+  socket, rendered from the same templates as the session service
+  (tests/support/podman_env/), so that stopping it in the middle of an apply disturbs no
+  other test. Its registries.conf trusts every loopback registry it is given.
+* ``PrivateRegistry``: ``docker-registry`` on a port of its own, serving the storage folder
+  of the session registry read-only in effect (nothing pushes to it), so the session's test
+  images are pullable from a registry a test can take down and bring back on the same port.
+
+Containers outlive their service (conmon runs them), as on a real node; ``close()`` removes
+them, stops the service and kills what is left of this service's own processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.support.podman_fixtures import ENV_TEMPLATES, PodmanService, Registry
+
+__all__ = ["PrivatePodman", "PrivateRegistry", "free_port"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _render(template: str, target: Path, **values: str) -> Path:
+    text = (ENV_TEMPLATES / template).read_text(encoding="utf-8")
+    for key, value in values.items():
+        text = text.replace(f"@{key}@", value)
+    target.write_text(text, encoding="utf-8")
+    return target
+
+
+def _wait(ready: Callable[[], bool], *, what: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
+        if ready():
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not come up within 30 s")
+
+
+def _stop(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+class PrivatePodman:
+    def __init__(self, folder: Path, *, registries: list[str]) -> None:
+        self.folder = folder
+        for sub in ("libpod-tmp", "image-copy", "networks"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        conf = folder / "registries.conf"
+        lines = ["unqualified-search-registries = []"]
+        for host in registries:
+            lines += ["", "[[registry]]", f'location = "{host}"', "insecure = true"]
+        conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        env = dict(os.environ)
+        env.pop("CONTAINER_HOST", None)
+        env.update(
+            CONTAINERS_CONF=str(
+                _render("containers.conf", folder / "containers.conf", TMP=str(folder))
+            ),
+            CONTAINERS_STORAGE_CONF=str(
+                _render("storage.conf", folder / "storage.conf", TMP=str(folder))
+            ),
+            CONTAINERS_REGISTRIES_CONF=str(conf),
+        )
+        self.socket = folder / "podman.sock"
+        self.service = PodmanService(url=f"unix://{self.socket}", env=env, folder=folder)
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.service.url
+
+    def start(self) -> None:
+        log = (self.folder / "service.log").open("ab")
+        self._process = subprocess.Popen(
+            ["podman", "system", "service", "--time=0", self.url],
+            env=self.service.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+        def answers() -> bool:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(str(self.socket))
+                except OSError:
+                    return False
+            return True
+
+        _wait(answers, what="private podman service", process=self._process)
+
+    def stop(self) -> None:
+        """The service goes away; its containers keep running under conmon."""
+        _stop(self._process)
+        self._process = None
+        self.socket.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            if self._process is None:
+                self.start()
+            self.service.cli("rm", "--all", "--force", "--time", "0", check=False)
+            self.service.cli("network", "prune", "--force", check=False)
+        self.stop()
+        marker = (str(self.folder) + "/").encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            with contextlib.suppress(OSError):
+                if marker in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+
+
+class PrivateRegistry:
+    """A registry on its own port serving the session registry's images."""
+
+    def __init__(self, folder: Path, *, serving: Registry) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.host = f"127.0.0.1:{free_port()}"
+        # The template puts storage at @TMP@/registry: point @TMP@ at the session's folder.
+        self.config = _render(
+            "registry.yml", folder / "config.yml", TMP=str(serving.folder), REGISTRY=self.host
+        )
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def image(self, pinned: str) -> str:
+        """The same pinned image, named through this registry."""
+        return self.host + "/" + pinned.split("/", 1)[1]
+
+    def start(self) -> None:
+        log = (self.folder / "registry.log").open("ab")
+        self._process = subprocess.Popen(
+            ["docker-registry", "serve", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+        def answers() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1) as response:
+                    return bool(response.status == 200)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        _wait(answers, what="private registry", process=self._process)
+
+    def stop(self) -> None:
+        _stop(self._process)
+        self._process = None
