@@ -39,7 +39,7 @@ from tests.reliability.invariants import converged_problems
 from tests.reliability.services import PrivatePodman, PrivateRegistry
 from tests.support.fileserver import Fault, FileServer
 from tests.support.origin_fixtures import NodeUnderTest, Outcome
-from tests.support.podman_fixtures import PodmanService, Registry
+from tests.support.podman_fixtures import PodmanService
 from tests.support.signing import Release, RepositorySimulator, base_snapshot
 
 pytestmark = [pytest.mark.podman]
@@ -238,22 +238,6 @@ def test_a_mirror_sending_one_byte_at_a_time_still_delivers_the_file(
 
 
 # ---- Podman and the registry ------------------------------------------------------------------
-
-
-@pytest.fixture
-def private_podman(
-    tmp_path_factory: pytest.TempPathFactory, registry: Registry
-) -> Iterator[tuple[PrivatePodman, PrivateRegistry]]:
-    folder = tmp_path_factory.mktemp("pp")  # short: a socket path must fit in 108 bytes
-    spare = PrivateRegistry(folder / "registry", serving=registry)
-    podman = PrivatePodman(folder / "podman", registries=[registry.host, spare.host])
-    podman.start()
-    spare.start()
-    try:
-        yield podman, spare
-    finally:
-        spare.stop()
-        podman.close()
 
 
 def _running_on(
