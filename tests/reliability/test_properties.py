@@ -431,3 +431,54 @@ def _snapshot_with_file_path(path: str) -> dict[str, object]:
     body = snapshot_payload(models=[("tiny", "v1")])
     body["models"][0]["files"][0]["path"] = path  # type: ignore[index]
     return body
+
+
+# ---- the node settings parser ----------------------------------------------------------------
+
+_settings_line = st.one_of(
+    st.sampled_from(
+        [
+            'origin = "http://127.0.0.1:1/"',
+            'network = "testnet"',
+            "keep_applied = 2",
+            "keep_applied = -1",
+            'keep_applied = "two"',
+            "download_concurrency = 0",
+            "hook_timeout_s = 1.5",
+            "vram_mib = 24576",
+            'opt_out_subclouds = ["eu-small"]',
+            "opt_out_subclouds = [1, 2]",
+            'log_format = "xml"',
+            "fetch_timeout_s = 0",
+            "unknown_key = 1",
+            "[table]",
+            "keep_applied = [oops",
+            'origin = "unterminated',
+            "= 3",
+        ]
+    ),
+    st.text(max_size=30),
+)
+
+
+@FAST
+@given(st.lists(_settings_line, max_size=6))
+def test_any_settings_file_gives_settings_or_one_line_naming_the_problem(
+    lines: list[str],
+) -> None:
+    import tempfile
+
+    from reconciler.errors import SettingsError
+    from reconciler.settings import Settings, load_settings
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.toml"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
+        try:
+            settings = load_settings(config=str(path), environ={})
+        except SettingsError as exc:
+            message = exc.one_line()
+            assert message and "\n" not in message
+            assert exc.exit_code == 2
+            return
+    assert isinstance(settings, Settings)
