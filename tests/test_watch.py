@@ -220,7 +220,7 @@ def test_watch_polls_every_poll_s_with_jitter_and_conditional_requests(
 
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert 4 <= len(times) <= 7, times
-    assert all(0.85 <= gap <= 1.6 for gap in gaps), gaps
+    assert all(0.85 <= gap <= 2.0 for gap in gaps), gaps  # 1 s ± 10 %, plus the cycle
     etag = file_server.stats.headers("/head.json")[-1].get("if-none-match")
     assert etag, "watch polls without If-None-Match"
     assert file_server.stats.statuses("/head.json")[-3:] == [304, 304, 304]
