@@ -14,6 +14,9 @@ Layout:
   anti-rollback floor lives outside ``main`` so a reset HEAD cannot lower it;
 * ``refs/notes/applied`` holds one line per apply attempt (signed receipts).
 
+Every write happens with the agent lock held (``reconciler.lock``), so a git lock file or a
+scratch object found before a write was left by a writer that was killed: it is removed.
+
 ``main`` moves only through ``advance`` (a compare-and-swap on the expected tip, under the
 node's lock file), and libgit2 fsyncs the git directory.
 """
@@ -255,6 +258,7 @@ class History:
         current = self._ref_target(name)
         if current != expected:
             raise HistoryError(f"{name} moved under us (expected {expected}, found {current})")
+        self._clear_stale_locks(name, "packed-refs")
         try:
             self._repo.create_reference_direct(name, pygit2.Oid(hex=oid), True, message=log)
         except (pygit2.GitError, OSError) as exc:
@@ -300,6 +304,7 @@ class History:
 
     def reattach_main(self) -> None:
         """Point a detached HEAD back at ``main`` and check it out (used by ``resume``)."""
+        self._clear_stale_locks("HEAD", "index")
         try:
             self._repo.set_head(MAIN)
             self._repo.checkout(MAIN, strategy=pygit2.GIT_CHECKOUT_FORCE)
@@ -308,6 +313,7 @@ class History:
 
     def _move_main(self, oid: str, *, expected: str | None, log: str) -> None:
         self._set_ref(MAIN, oid, expected=expected, log=log)
+        self._clear_stale_locks("HEAD", "index")
         try:
             if self._repo.head_is_detached or self._repo.head_is_unborn:
                 self._repo.set_head(MAIN)
@@ -327,6 +333,7 @@ class History:
     def append_note(self, oid: str, line: str) -> None:
         lines = [*self.notes(oid), line]
         sig = self._signature()
+        self._clear_stale_locks(NOTES)
         try:
             self._repo.create_note("\n".join(lines) + "\n", sig, sig, oid, NOTES, True)
         except (pygit2.GitError, OSError) as exc:
@@ -340,6 +347,19 @@ class History:
             return []
 
     # ---- upkeep --------------------------------------------------------------------------
+
+    def _clear_stale_locks(self, *names: str) -> None:
+        """Delete ``<name>.lock`` files that a killed writer left in the git directory.
+
+        libgit2 writes a ref, HEAD or the index through ``<name>.lock`` and renames it into
+        place; a process killed in between leaves the lock, and every later update of that
+        name fails ("failed to lock file") until someone deletes it. Every writer of this
+        repository holds the agent lock (see the module docstring), so a lock file seen here
+        belongs to a writer that is gone.
+        """
+        gitdir = Path(self._repo.path)
+        for name in names:
+            (gitdir / f"{name}.lock").unlink(missing_ok=True)
 
     def discard_scratch_objects(self) -> list[Path]:
         """Delete the scratch files libgit2 writes objects through (``tmp_object_git2_*``).

@@ -237,6 +237,32 @@ def test_a_mirror_sending_one_byte_at_a_time_still_delivers_the_file(
     assert partial.read_bytes() == data
 
 
+def test_git_lock_files_left_by_a_killed_writer_do_not_block_the_next_pass(
+    running: RunningNode,
+) -> None:
+    """What a SIGKILL between libgit2's lock and rename leaves (found by the crash campaign):
+    without cleanup, every later fetch failed with "failed to lock file"."""
+    gitdir = running.node.repo / ".git"
+    wanted = running.publish()
+    leftovers = [
+        "refs/reconciler/accepted.lock",
+        "refs/heads/main.lock",
+        f"refs/snapshots/{wanted[7:]}.lock",
+        "refs/notes/applied.lock",
+        "HEAD.lock",
+        "index.lock",
+    ]
+    for name in leftovers:
+        (gitdir / name).parent.mkdir(parents=True, exist_ok=True)
+        (gitdir / name).write_bytes(b"")
+    (gitdir / "objects" / "tmp_object_git2_x").write_bytes(b"half an object")
+
+    running.once().ok()
+
+    running.converged_on(wanted)
+    assert [name for name in leftovers if (gitdir / name).exists()] == []
+
+
 # ---- Podman and the registry ------------------------------------------------------------------
 
 
