@@ -201,11 +201,10 @@ def web(
     return entry
 
 
-# ---- watch --------------------------------------------------------------------------------
-
-pytestmark = pytest.mark.podman
+# ---- watch (every test from here on needs the Podman service) ------------------------------
 
 
+@pytest.mark.podman
 def test_watch_polls_every_poll_s_with_jitter_and_conditional_requests(
     node: NodeUnderTest,
     web: dict[str, Any],
@@ -228,6 +227,7 @@ def test_watch_polls_every_poll_s_with_jitter_and_conditional_requests(
     assert agent.wait() == 0
 
 
+@pytest.mark.podman
 def test_watch_backs_off_from_retry_min_to_retry_max_while_the_origin_fails(
     node: NodeUnderTest,
     web: dict[str, Any],
@@ -256,6 +256,7 @@ def test_watch_backs_off_from_retry_min_to_retry_max_while_the_origin_fails(
     assert agent.wait() == 0
 
 
+@pytest.mark.podman
 def test_watch_repairs_drift_every_cycle(
     node: NodeUnderTest,
     web: dict[str, Any],
@@ -284,6 +285,7 @@ def test_watch_repairs_drift_every_cycle(
     assert repairs[-1]["result"] == "converged"
 
 
+@pytest.mark.podman
 def test_sighup_polls_now_and_rereads_settings_keeping_the_old_ones_if_bad(
     node: NodeUnderTest,
     simulator: RepositorySimulator,
@@ -334,6 +336,7 @@ def test_sighup_polls_now_and_rereads_settings_keeping_the_old_ones_if_bad(
     assert list(running(podman_clean)) == ["reconciler-web"]
 
 
+@pytest.mark.podman
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_signal_finishes_the_current_apply_and_exits_zero(
     sig: int,
@@ -364,6 +367,7 @@ def test_a_stop_signal_finishes_the_current_apply_and_exits_zero(
     assert "watch: stopped" in agent.log()
 
 
+@pytest.mark.podman
 def test_log_format_json_gives_one_json_object_per_line(
     node: NodeUnderTest,
     web: dict[str, Any],
@@ -384,6 +388,7 @@ def test_log_format_json_gives_one_json_object_per_line(
 # ---- one reconciler at a time -------------------------------------------------------------
 
 
+@pytest.mark.podman
 def test_a_second_watch_exits_one_naming_the_first(
     node: NodeUnderTest,
     web: dict[str, Any],
@@ -401,6 +406,7 @@ def test_a_second_watch_exits_one_naming_the_first(
     assert first.wait() == 0
 
 
+@pytest.mark.podman
 def test_once_while_another_holds_the_lock_exits_one_or_waits_with_wait(
     node: NodeUnderTest,
     simulator: RepositorySimulator,
@@ -426,6 +432,7 @@ def test_once_while_another_holds_the_lock_exits_one_or_waits_with_wait(
     assert busy.wait() == 0
 
 
+@pytest.mark.podman
 def test_a_lock_left_by_a_killed_agent_is_taken_over(
     node: NodeUnderTest,
     simulator: RepositorySimulator,
