@@ -11,10 +11,13 @@ container), publishes snapshot 2, injects the fault, runs ``reconcile once``, an
   ``invariants.converged_problems`` finds nothing.
 
 A fault that needs a service to vanish uses a private one (``services``), never the
-session's. Related cases tested elsewhere: Podman down before a pass
-(tests/test_apply.py::test_podman_down_quarantines_nothing_and_the_next_pass_converges), bad
-settings on SIGHUP (tests/test_watch.py::test_sighup_polls_now_and_rereads_settings_keeping_
-the_old_ones_if_bad), the origin's single faults in isolation (tests/test_intake.py).
+session's. Related cases tested elsewhere:
+
+* Podman down before a pass: tests/test_apply.py,
+  ``test_podman_down_quarantines_nothing_and_the_next_pass_converges``;
+* settings made bad while ``watch`` runs: tests/test_watch.py,
+  ``test_sighup_polls_now_and_rereads_settings_keeping_the_old_ones_if_bad``;
+* each origin fault on its own: tests/test_intake.py.
 """
 
 from __future__ import annotations
