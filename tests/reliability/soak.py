@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -57,6 +58,7 @@ FAULT_EVERY_S = (3.0, 7.0)
 FAULT_LASTS_S = (2.0, 5.0)
 RSS_GROWTH_KIB = 16 * 1024  # a Python process keeps what it once allocated; leaks grow on
 CONVERGE_WITHIN_S = 120.0
+_APPLY_CONVERGED = re.compile(r"converged on serial \d+ \(sha256:[0-9a-f]{64}\): ")
 
 
 @dataclass
@@ -159,7 +161,7 @@ def run_soak(
         if not _wait_converged(env, latest, within_s=CONVERGE_WITHIN_S):
             report.problems.append("the first snapshot never converged")
             return report
-        report.start = process_figures(process.pid)
+        report.start = _quiet_figures(process.pid)
         report.containers_start = _managed_count(podman)
         stop_at = time.monotonic() + seconds
         next_publish = time.monotonic() + rng.uniform(*PUBLISH_EVERY_S)
@@ -184,8 +186,7 @@ def run_soak(
         latest = publish()
         if not _wait_converged(env, latest, within_s=CONVERGE_WITHIN_S):
             report.problems.append(f"not converged on the last snapshot {latest[:19]}…")
-        time.sleep(2.0)  # let the cycle that converged finish and release what it held
-        report.end = process_figures(process.pid)
+        report.end = _quiet_figures(process.pid)
         report.containers_end = _managed_count(podman)
     finally:
         server.faults.clear()
@@ -214,10 +215,11 @@ def _check_end(report: SoakReport, *, env: dict[str, str], messages: list[str]) 
     report.receipts = len(node_receipts)
     converged = [r for r in node_receipts if r.get("result") == "converged"]
     report.converged_receipts = len(converged)
-    # An apply that converged logs "converged on serial N (digest): K container action(s), …";
-    # a pass with nothing to do logs the same without the colon. Receipts written for a
-    # convergence found by a later pass carry the step "settled" (or a note, after a kill).
-    applied = [m for m in messages if m.startswith("converge: converged on serial") and "): " in m]
+    # An apply that converged logs "converged on serial N (digest): K container action(s), …"
+    # (a rollback's inside the failure it follows); a pass with nothing to do logs the same
+    # without the colon. Receipts written for a convergence found by a later pass carry the
+    # step "settled" (or a note, after a kill).
+    applied = [m for m in messages if _APPLY_CONVERGED.search(m)]
     report.applies_converged = len(applied)
     signed_by_apply = [
         r
@@ -236,6 +238,13 @@ def _check_end(report: SoakReport, *, env: dict[str, str], messages: list[str]) 
     from tests.reliability.invariants import temporary_files
 
     report.temporary_files_end = len(temporary_files(node.paths.state_dir))
+
+
+def _quiet_figures(pid: int, *, samples: int = 30, every_s: float = 0.1) -> dict[str, int]:
+    """Open files and memory between two cycles: a one-second poll keeps watch busy most of
+    the time, so the least seen over a few seconds is what it holds when idle."""
+    seen = [process_figures(pid) for _ in range(samples) if time.sleep(every_s) is None]
+    return {key: min(s[key] for s in seen) for key in ("fds", "rss_kib")}
 
 
 def _managed_count(podman: PrivatePodman) -> int:
