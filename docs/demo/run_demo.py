@@ -208,10 +208,11 @@ class Services:
                 cmdline = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if marker in cmdline:
+            program = cmdline.split(b"\0", 1)[0].decode(errors="replace")
+            # Only conmon: an operator's `tail -f $DEMO/…` in another terminal is left alone.
+            if marker in cmdline and Path(program).name == "conmon":
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(int(entry.name), signal.SIGKILL)
-                    program = cmdline.split(b"\0", 1)[0].decode(errors="replace")
                     killed.append(f"{program} (pid {entry.name})")
         return killed
 
@@ -263,7 +264,7 @@ class Demo:
         """Run a command; ``live`` lets it write to the terminal itself (progress bars)."""
         if show:
             self.out.command(args, show_env)
-        full_env = {**os.environ, **(env or {}), **(show_env or {})}
+        full_env = {**_inherited_env(), **(env or {}), **(show_env or {})}
         try:
             if live:
                 done = subprocess.run(
@@ -387,7 +388,7 @@ class Demo:
         }
         sock = pod / "podman.sock"
         self.podman_url = f"unix://{sock}"
-        env = {k: v for k, v in os.environ.items() if k != "CONTAINER_HOST"} | self.podman_env
+        env = _inherited_env() | self.podman_env
         self._start_service(
             "podman system service",
             ["podman", "system", "service", "--time=0", self.podman_url],
@@ -714,6 +715,16 @@ class Demo:
             raise DemoError("the metrics file says no model bytes are installed")
         verify = self.reconcile("verify", show=False)
         print(f"reconcile verify: {verify.stdout.strip().splitlines()[-1]}", flush=True)
+
+
+def _inherited_env() -> dict[str, str]:
+    """The demo's own environment without settings that would steer its node elsewhere
+    (a RECONCILER_STATE_DIR or CONTAINER_HOST exported in the operator's shell)."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("RECONCILER_", "RECONCILE_")) and key != "CONTAINER_HOST"
+    }
 
 
 def _http_ok(url: str) -> bool:
