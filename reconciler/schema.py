@@ -13,6 +13,7 @@ Two rules are tightened to what JSON Schema means and what other validators do:
 from __future__ import annotations
 
 import json
+import numbers
 import re
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["SchemaError", "SchemaName", "schema_dir", "validate"]
+__all__ = ["SchemaError", "SchemaName", "certainly_valid", "schema_dir", "validate"]
 
 SchemaName = Literal["root", "head", "snapshot", "settings"]
 _BASE = "https://schemas.resultity.io/reconciler/v1/"
@@ -117,3 +118,150 @@ def validate(name: SchemaName, document: object) -> None:
     if len(message) > 200:
         message = message[:197] + "..."
     raise SchemaError(f"{where}: {message}")
+
+
+# ---- a fast "certainly valid" for small documents -------------------------------------------
+#
+# Importing jsonschema costs about 100 ms, more than all the rest of `reconcile status` (bench/
+# startup.py). ``certainly_valid`` reads the schema file itself and answers True only when it
+# can prove the document matches, using the few keywords below with the same meaning as the
+# validator above (``pattern`` through ``_compiled``, ``integer`` without ``bool``). Anything
+# else — a keyword or format it does not know, a value that fails, a NaN — gives False, and the
+# caller then runs ``validate``, which decides and words the error. So a document is accepted
+# or refused exactly as before; only the time differs. A schema that starts using another
+# keyword simply stops taking the fast path.
+
+_ANNOTATIONS = frozenset({"$schema", "$id", "$defs", "title", "description"})
+_FAST_KEYWORDS = _ANNOTATIONS | {
+    "$ref",
+    "type",
+    "enum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "format",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "maxItems",
+    "uniqueItems",
+    "items",
+    "properties",
+    "additionalProperties",
+}
+# A strict subset of RFC 3986 URIs: scheme "://" plain host, optional port, plain path. Every
+# string it matches is a URI to rfc3986-validator; others go to the full check.
+_PLAIN_URI = re.compile(r"[a-z][a-z0-9+.-]*://[A-Za-z0-9.-]*(:[0-9]{1,5})?(/[A-Za-z0-9._~-]*)*\Z")
+
+
+@cache
+def _schema_file(name: str) -> Any:
+    return json.loads((schema_dir() / name).read_text(encoding="utf-8"))
+
+
+def certainly_valid(name: SchemaName, document: object) -> bool:
+    """True only if ``document`` surely matches schema ``name``; False means "ask validate"."""
+    file = f"{name}.json"
+    return _fits(_schema_file(file), document, file)
+
+
+def _fits(schema: Any, value: object, file: str) -> bool:
+    if not isinstance(schema, dict) or not _FAST_KEYWORDS.issuperset(schema):
+        return False
+    if "$ref" in schema:
+        target, in_file = _resolve(schema["$ref"], file)
+        if target is None or not _fits(target, value, in_file):
+            return False
+    checks = (_fits_type, _fits_enum, _fits_string, _fits_number, _fits_array, _fits_object)
+    return all(check(schema, value, file) for check in checks)
+
+
+def _resolve(ref: object, file: str) -> tuple[Any, str]:
+    if not isinstance(ref, str) or "~" in ref:
+        return None, file
+    target_file, _, pointer = ref.partition("#")
+    target_file = target_file or file
+    if "/" in target_file or not target_file.endswith(".json"):
+        return None, file
+    node: Any = _schema_file(target_file)
+    for part in pointer.split("/")[1:]:
+        if not isinstance(node, dict) or part not in node:
+            return None, file
+        node = node[part]
+    return node, target_file
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Number) and not isinstance(value, bool)
+
+
+def _fits_type(schema: dict[str, Any], value: object, _file: str) -> bool:
+    kind = schema.get("type")
+    if kind is None:
+        return True
+    if kind == "string":
+        return isinstance(value, str)
+    if kind == "integer":
+        return _is_integer(None, value)
+    if kind == "number":
+        return _is_number(value)
+    if kind == "array":
+        return isinstance(value, list)
+    if kind == "object":
+        return isinstance(value, dict)
+    return False
+
+
+def _fits_enum(schema: dict[str, Any], value: object, _file: str) -> bool:
+    if "enum" not in schema:
+        return True
+    # Only strings: JSON Schema's equality has its own rules for numbers and booleans.
+    return isinstance(value, str) and value in [e for e in schema["enum"] if isinstance(e, str)]
+
+
+def _fits_string(schema: dict[str, Any], value: object, _file: str) -> bool:
+    if not isinstance(value, str):
+        return True  # string keywords do not apply to other types
+    if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
+        return False
+    if "pattern" in schema and not _compiled(schema["pattern"]).search(value):
+        return False
+    if "format" in schema:
+        return schema["format"] == "uri" and _PLAIN_URI.match(value) is not None
+    return True
+
+
+def _fits_number(schema: dict[str, Any], value: object, _file: str) -> bool:
+    if not _is_number(value):
+        return True  # numeric keywords do not apply to other types
+    if type(value) not in (int, float):
+        return False  # Decimal, Fraction, an int subclass…: let the validator decide
+    number: Any = value
+    # Written so that NaN fails every comparison and goes to the full check.
+    return (
+        ("minimum" not in schema or number >= schema["minimum"])
+        and ("maximum" not in schema or number <= schema["maximum"])
+        and ("exclusiveMinimum" not in schema or number > schema["exclusiveMinimum"])
+    )
+
+
+def _fits_array(schema: dict[str, Any], value: object, file: str) -> bool:
+    if not isinstance(value, list):
+        return True  # array keywords do not apply to other types
+    if len(value) > schema.get("maxItems", len(value)):
+        return False
+    if schema.get("uniqueItems") and (
+        not all(isinstance(item, str) for item in value) or len(set(value)) != len(value)
+    ):
+        return False
+    return "items" not in schema or all(_fits(schema["items"], item, file) for item in value)
+
+
+def _fits_object(schema: dict[str, Any], value: object, file: str) -> bool:
+    if not isinstance(value, dict):
+        return True  # object keywords do not apply to other types
+    properties = schema.get("properties", {})
+    extra = schema.get("additionalProperties", True)
+    if extra is not True and (extra is not False or not set(value) <= set(properties)):
+        return False
+    return all(_fits(properties[k], item, file) for k, item in value.items() if k in properties)
