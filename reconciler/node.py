@@ -10,14 +10,17 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from reconciler.documents import Ttl, format_time
 from reconciler.errors import ReconcilerError, SettingsError
 from reconciler.history import History
 from reconciler.nodestate import LastError, NodeState, load_node_state, save_node_state
 from reconciler.paths import NodePaths
-from reconciler.roots import RootChain
 from reconciler.settings import Settings
+
+if TYPE_CHECKING:
+    from reconciler.roots import RootChain
 
 __all__ = ["Node"]
 
@@ -30,7 +33,7 @@ class Node:
         self.network: str = settings.network
         self.paths = NodePaths(Path(settings.state_dir))
         self._history: History | None = None
-        self.roots = RootChain(self.paths.state_dir / "roots", network=self.network)
+        self._roots: RootChain | None = None
         self.state: NodeState = load_node_state(self.paths.node_state)
 
     @property
@@ -38,6 +41,15 @@ class Node:
         if self._history is None:
             self._history = History.open(self.paths.repo)
         return self._history
+
+    @property
+    def roots(self) -> RootChain:
+        # Imported on first use: the trust code (and PyNaCl) is ~12 ms that `status` never needs.
+        if self._roots is None:
+            from reconciler.roots import RootChain
+
+            self._roots = RootChain(self.paths.state_dir / "roots", network=self.network)
+        return self._roots
 
     def save(self, state: NodeState) -> None:
         save_node_state(self.paths.node_state, state)
