@@ -180,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     return int(code)
 
 
-def write_report(report: CampaignReport) -> None:
-    target = os.environ.get(REPORT_ENV)
+def write_report(report: CampaignReport, target: str | None) -> None:
+    """Write the figures where ``REPORT_ENV`` said (read at import: fixtures clear it)."""
     if target:
         Path(target).write_text(json.dumps(asdict(report), indent=2) + "\n")
 

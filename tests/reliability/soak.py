@@ -286,8 +286,8 @@ def _inject(rng: random.Random, *, server: FileServer, podman: PrivatePodman) ->
 # ---- on its own ---------------------------------------------------------------------------
 
 
-def write_report(report: SoakReport) -> None:
-    target = os.environ.get(REPORT_ENV)
+def write_report(report: SoakReport, target: str | None) -> None:
+    """Write the figures where ``REPORT_ENV`` said (read at import: fixtures clear it)."""
     if target:
         Path(target).write_text(json.dumps(asdict(report), indent=2) + "\n")
 

@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 
 from tests.reliability.agent import AgentCommand
-from tests.reliability.campaign import KILLS_ENV, SEED_ENV, run_campaign, write_report
+from tests.reliability.campaign import (
+    KILLS_ENV,
+    REPORT_ENV,
+    SEED_ENV,
+    run_campaign,
+    write_report,
+)
 from tests.support.fileserver import FileServer
 from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.podman_fixtures import PodmanService
@@ -24,6 +30,7 @@ pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
 # Read at import: the node fixtures clear every RECONCILER_* variable before the test runs.
 KILLS = int(os.environ.get(KILLS_ENV, "20"))
+REPORT = os.environ.get(REPORT_ENV)
 SEED = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(1 << 32))
 
 
@@ -59,7 +66,7 @@ def test_every_kill_of_once_is_followed_by_a_converging_once(
         # The long run on demand counts every failure; the quick one stops at the first.
         stop_on_failure=KILLS <= 20,
     )
-    write_report(report)
+    write_report(report, REPORT)
     print(report.line())
     assert report.failures == [], f"seed {SEED}: " + "\n".join(report.failures)
     assert report.kills == KILLS, f"seed {SEED}: only {report.kills} kills in {report.rounds}"

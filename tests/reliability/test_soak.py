@@ -15,7 +15,7 @@ import pytest
 
 from tests.reliability.agent import AgentCommand
 from tests.reliability.services import PrivatePodman, PrivateRegistry
-from tests.reliability.soak import SECONDS_ENV, SEED_ENV, run_soak, write_report
+from tests.reliability.soak import REPORT_ENV, SECONDS_ENV, SEED_ENV, run_soak, write_report
 from tests.support.fileserver import FileServer
 from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.signing import RepositorySimulator
@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
 # Read at import: the node fixtures clear every RECONCILER_* variable before the test runs.
 SECONDS = float(os.environ.get(SECONDS_ENV) or 30)
+REPORT = os.environ.get(REPORT_ENV)
 SEED = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(1 << 32))
 
 
@@ -58,7 +59,7 @@ def test_watch_survives_a_busy_network_and_random_faults_and_ends_where_it_began
         podman=podman,
         images=test_images,
     )
-    write_report(report)
+    write_report(report, REPORT)
 
     assert report.problems == [], f"seed {SEED}: " + "\n".join(report.problems)
     assert report.published >= 3 and report.applies_converged >= 3
