@@ -23,6 +23,7 @@ node's lock file), and libgit2 fsyncs the git directory.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ NOTES = "refs/notes/applied"
 SNAPSHOT_FILE = "snapshot.json"
 ENVELOPE_FILE = "envelope.json"
 _IDENTITY = ("reconciler", "reconciler@localhost")
+# The reflog message of every move of main by the agent (``_move_main``).
+_AGENT_REFLOG = re.compile(r"^(fetch|rollback|resume): serial \d+$")
 
 
 @dataclass(frozen=True)
@@ -182,6 +185,23 @@ class History:
 
     def head_is_detached(self) -> bool:
         return bool(self._repo.head_is_detached)
+
+    def head_moved_by_reconciler(self, oid: str) -> bool:
+        """Whether the last move of HEAD, to ``oid``, was this agent's own (``_move_main``).
+
+        Told by HEAD's reflog: the agent writes ``<reason>: serial N``; stock git writes
+        ``reset: …``, ``checkout: …``, ``commit: …``. A crash between moving ``main`` and
+        recording the new HEAD in the node record must not look like an operator's hold.
+        """
+        try:
+            newest = next(iter(self._repo.lookup_reference("HEAD").log()), None)
+        except (KeyError, pygit2.GitError, OSError):
+            return False
+        return (
+            newest is not None
+            and str(newest.oid_new) == oid
+            and _AGENT_REFLOG.match(newest.message or "") is not None
+        )
 
     def snapshot_ref(self, digest: str) -> str | None:
         return self._ref_target(f"refs/snapshots/{digest.removeprefix('sha256:')}")

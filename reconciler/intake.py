@@ -178,6 +178,10 @@ def note_moved_head(node: Node) -> None:
     expected = node.state.expected_head
     if head is None or expected is None or head == expected or node.state.hold:
         return
+    if node.history.head_moved_by_reconciler(head):
+        # This agent moved main and was killed before it could record the new HEAD.
+        node.save(replace(node.state, expected_head=head))
+        return
     node.save(replace(node.state, hold=True, hold_reason=f"HEAD moved with git to {head[:12]}"))
 
 

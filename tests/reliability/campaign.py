@@ -107,7 +107,7 @@ def run_campaign(
             report.finished_before_kill += 1
         converging = agent.run("once", "--wait", "60")
         report.apply_seconds_max = max(report.apply_seconds_max, converging.seconds)
-        problems = _round_problems(converging, agent.env)
+        problems = _round_problems(converging, agent.env, serial=simulator.serial)
         after = Fingerprint.of(*watched, exclude=(state_dir, simulator.folder))
         problems += before.changes(after)
         node_receipts = receipts_of(agent.env)
@@ -139,11 +139,21 @@ def receipts_of(env: dict[str, str]) -> list[dict[str, object]]:
     return [payload for _oid, payload in receipts(open_node(env))]
 
 
-def _round_problems(converging: Finished, env: dict[str, str]) -> list[str]:
+def _round_problems(converging: Finished, env: dict[str, str], *, serial: int) -> list[str]:
     problems = []
     if converging.exit_code != 0:
         tail = (converging.stdout + converging.stderr).strip().splitlines()[-3:]
         problems.append(f"next once exit {converging.exit_code}: {' / '.join(tail)}")
+    # Converged, and on what the network published last: not held, not left behind.
+    from tests.reliability.invariants import open_node
+
+    node = open_node(env)
+    head = node.history.head_oid()
+    head_serial = node.history.info(head).serial if head else None
+    if head_serial != serial:
+        problems.append(f"HEAD is serial {head_serial}, the network is at {serial}")
+    if node.state.hold:
+        problems.append(f"on hold: {node.state.hold_reason}")
     return problems + converged_problems(env)
 
 

@@ -217,6 +217,30 @@ def test_an_origin_fault_keeps_the_last_configuration_and_heals_by_itself(
     running.converged_on(wanted)
 
 
+def test_a_kill_between_moving_head_and_recording_it_is_not_taken_for_an_operators_hold(
+    running: RunningNode,
+) -> None:
+    """The window the 500-kill campaign found: fetch moved main, then died before the node
+    record learnt the new HEAD; the next pass put the node on hold for good, as if an
+    operator had moved HEAD with git."""
+    before = running.node.record()["expected_head"]
+    wanted = running.publish()
+    running.node.fetch().ok()
+    record_file = running.node.state_dir / "node-state.json"
+    record = json.loads(record_file.read_bytes())
+    record["expected_head"] = before  # what the record held when the kill came
+    record_file.write_text(json.dumps(record))
+
+    running.once().ok()
+
+    assert running.node.status()["hold"]["active"] is False
+    running.converged_on(wanted)
+    # An operator's own move is still a hold.
+    running.node.git("reset", "--hard", "HEAD~1")
+    running.once()
+    assert running.node.status()["hold"]["active"] is True
+
+
 def test_a_mirror_sending_one_byte_at_a_time_still_delivers_the_file(
     file_server: FileServer, tmp_path: Path
 ) -> None:
