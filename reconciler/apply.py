@@ -417,7 +417,7 @@ def _sweep_temporaries(node: Node) -> None:
             log.info("removing %s (left by an interrupted write)", leftover)
             leftover.unlink(missing_ok=True)
     if node.paths.repo.is_dir():
-        for leftover in node.history.discard_scratch_objects():
+        for leftover in node.history.discard_interrupted_writes():
             log.info("removed %s (left by an interrupted git write)", leftover)
 
 

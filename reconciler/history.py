@@ -322,6 +322,21 @@ class History:
         self._move_main(oid, expected=tip, log=f"{reason}: serial {info.serial}")
         return oid
 
+    def advance_to(self, oid: str) -> str:
+        """Make the stored commit ``oid`` the tip of ``main``; returns the new tip.
+
+        For a snapshot whose commit and ref were written by a pass that died before moving
+        ``main``: a fast-forward when ``main`` is still the commit's parent, otherwise a new
+        commit on top with the same tree and trailers (as ``recommit``).
+        """
+        commit = self._commit(oid)
+        tip = self.main_tip()
+        parents = [str(p) for p in commit.parent_ids]
+        if parents[:1] == ([tip] if tip else []):
+            self._move_main(oid, expected=tip, log=f"fetch: serial {self.info(oid).serial}")
+            return oid
+        return self.recommit(oid, reason="fetch")
+
     def reattach_main(self) -> None:
         """Point a detached HEAD back at ``main`` and check it out (used by ``resume``)."""
         self._clear_stale_locks("HEAD", "index")
@@ -381,16 +396,26 @@ class History:
         for name in names:
             (gitdir / f"{name}.lock").unlink(missing_ok=True)
 
-    def discard_scratch_objects(self) -> list[Path]:
-        """Delete the scratch files libgit2 writes objects through (``tmp_object_git2_*``).
+    def discard_interrupted_writes(self) -> list[Path]:
+        """Delete what a killed writer left in the git directory; returns what it removed.
 
-        A process killed while writing an object leaves one behind; git never reads it and
-        only ``git gc`` would remove it, weeks later. Call with the agent lock held: then no
-        other writer of this repository is mid-write.
+        libgit2 writes objects through ``tmp_object_git2_*`` scratch files (git never reads
+        them; only ``git gc`` would remove them, weeks later) and refs, HEAD and the index
+        through ``<name>.lock``. An interrupted checkout is finished. Call with the agent lock
+        held: then no other writer of this repository is mid-write.
         """
-        objects = Path(self._repo.path) / "objects"
-        removed = []
-        for scratch in objects.glob("**/tmp_object_git2_*"):
-            scratch.unlink(missing_ok=True)
-            removed.append(scratch)
+        gitdir = Path(self._repo.path)
+        leftovers = [
+            *gitdir.glob("objects/**/tmp_object_git2_*"),
+            *gitdir.glob("refs/**/*.lock"),
+            *(gitdir / name for name in ("HEAD.lock", "index.lock", "packed-refs.lock")),
+        ]
+        removed = [path for path in leftovers if path.exists()]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        if gitdir / "index.lock" in removed and not self._repo.head_is_unborn:
+            try:
+                self._repo.checkout("HEAD", strategy=pygit2.GIT_CHECKOUT_FORCE)
+            except (pygit2.GitError, OSError) as exc:
+                raise HistoryError(f"cannot check out HEAD: {exc}") from exc
         return removed

@@ -134,8 +134,15 @@ def _fetch(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> Fe
         )
         status = "new" if advance else "waiting"
     else:
-        check_stored_snapshot(head, stored_serial=history.info(existing).serial)
+        stored_serial = history.info(existing).serial
+        check_stored_snapshot(head, stored_serial=stored_serial)
         status = "current"
+        # Stored by a pass that was killed before main moved to it: finish that move.
+        if history.head_oid() != existing and _may_advance(
+            node, serial=stored_serial, digest=head.config_digest
+        ):
+            history.advance_to(existing)
+            status = "new"
     node.save(
         replace(
             _succeeded(node, now=now),

@@ -223,13 +223,11 @@ def test_a_kill_between_moving_head_and_recording_it_is_not_taken_for_an_operato
     """The window the 500-kill campaign found: fetch moved main, then died before the node
     record learnt the new HEAD; the next pass put the node on hold for good, as if an
     operator had moved HEAD with git."""
-    before = running.node.record()["expected_head"]
+    record_file = running.node.state_dir / "node-state.json"
+    before = record_file.read_bytes()
     wanted = running.publish()
     running.node.fetch().ok()
-    record_file = running.node.state_dir / "node-state.json"
-    record = json.loads(record_file.read_bytes())
-    record["expected_head"] = before  # what the record held when the kill came
-    record_file.write_text(json.dumps(record))
+    record_file.write_bytes(before)  # the kill came before the record was saved
 
     running.once().ok()
 
@@ -239,6 +237,30 @@ def test_a_kill_between_moving_head_and_recording_it_is_not_taken_for_an_operato
     running.node.git("reset", "--hard", "HEAD~1")
     running.once()
     assert running.node.status()["hold"]["active"] is True
+
+
+def test_a_kill_between_storing_a_snapshot_and_moving_head_to_it_is_finished_next_pass(
+    running: RunningNode,
+) -> None:
+    """Another window of the campaign: the commit and its ref were written, main was not
+    moved (its lock file left behind). The next fetch found the digest stored and called it
+    current, so the node stayed one snapshot behind until the network published again."""
+    history = running.node.state_dir / "snapshots" / ".git"
+    record_file = running.node.state_dir / "node-state.json"
+    before = record_file.read_bytes()
+    wanted = running.publish()
+    tip = running.head()
+    running.node.fetch().ok()
+    running.node.git("reset", "--hard", "-q", tip)  # as if main never moved
+    record_file.write_bytes(before)  # nor the record was saved
+    (history / "refs" / "heads" / "main.lock").write_bytes(b"")
+    (history / "index.lock").write_bytes(b"")
+
+    running.once().ok()
+
+    assert running.node.status()["hold"]["active"] is False
+    running.converged_on(wanted)
+    assert not (history / "index.lock").exists()
 
 
 def test_a_mirror_sending_one_byte_at_a_time_still_delivers_the_file(
