@@ -107,7 +107,10 @@ def _git_fsck(repo: Path) -> list[str]:
 
 
 def _verify_command(env: dict[str, str]) -> list[str]:
-    result = CliRunner().invoke(cli, ["verify"], env=env, catch_exceptions=False)
+    # standalone_mode=False: a Ctrl-C reaches the campaign instead of becoming "Aborted!".
+    result = CliRunner().invoke(
+        cli, ["verify"], env=env, catch_exceptions=False, standalone_mode=False
+    )
     if result.exit_code != 0:
         return [f"reconcile verify exit {result.exit_code}: {result.output.strip()[:300]}"]
     return []
