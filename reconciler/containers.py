@@ -173,11 +173,14 @@ class PodmanEdge:
             raise PodmanUnavailableError(f"Podman at {self.url} does not answer its ping")
 
     def observe(self) -> list[ObservedContainer]:
-        """Managed containers in full, plus unmanaged ones whose name could collide.
+        """Managed containers, plus unmanaged ones whose name could collide. Sorted by name.
 
-        Managed containers are found by label and each is inspected (``list()`` answers
-        sparsely); unmanaged ones are listed only if their name starts with ``reconciler-``, as
-        only those can hold a desired container's name. Sorted by name.
+        Managed containers are found by label; unmanaged ones are listed only if their name
+        starts with ``reconciler-``, as only those can hold a desired container's name. Two
+        list calls and no inspection: libpod's list entries carry the id, name, state,
+        labels, image and image id exactly as an inspect does, in every state (compared on
+        Podman 4.3: created, running, paused, exited, stopped), and inspecting each container
+        cost one round trip apiece, a tenth of a converged ``once`` (bench/noop.py).
         """
         with self._guard("listing containers"):
             managed = self._client.containers.list(
@@ -188,41 +191,13 @@ class PodmanEdge:
             )
         seen: dict[str, ObservedContainer] = {}
         for container in managed:
-            observed = self._inspect(container.id)
-            if observed is not None:  # None: removed between list and inspect
-                seen[observed.id] = observed
+            seen[container.id] = _listed(container.id, container.attrs)
         for container in named:
-            attrs = container.attrs
-            names = attrs.get("Names") or [container.id]
-            if container.id in seen or not str(names[0]).startswith("reconciler-"):
+            observed = _listed(container.id, container.attrs)
+            if container.id in seen or not observed.name.startswith("reconciler-"):
                 continue
-            seen[container.id] = ObservedContainer(
-                id=container.id,
-                name=str(names[0]),
-                state=str(attrs.get("State", "")),
-                labels=attrs.get("Labels") or {},
-                image=str(attrs.get("Image", "")),
-                image_id=str(attrs.get("ImageID", "")),
-            )
+            seen[container.id] = observed
         return sorted(seen.values(), key=lambda c: c.name)
-
-    def _inspect(self, container_id: str) -> ObservedContainer | None:
-        try:
-            with self._guard(f"inspecting container {container_id[:12]}"):
-                attrs = self._client.containers.get(container_id).attrs
-        except ContainerError as exc:
-            if _status(exc.__cause__) == 404:
-                return None
-            raise
-        config = attrs.get("Config") or {}
-        return ObservedContainer(
-            id=str(attrs["Id"]),
-            name=str(attrs.get("Name", "")).lstrip("/"),
-            state=str((attrs.get("State") or {}).get("Status", "")),
-            labels=config.get("Labels") or {},
-            image=str(attrs.get("ImageName", "")),
-            image_id=str(attrs.get("Image", "")),
-        )
 
     def container_ip(self, container: str, *, network: str = NETWORK_NAME) -> str | None:
         """The container's address on ``network`` (tests probe runtimes through it)."""
@@ -662,6 +637,19 @@ class PodmanEdge:
             return ""  # the failure itself is the message; missing logs must not replace it
         text = _clip(data.decode(errors="replace"))
         return f"; last output: {text}" if text else ""
+
+
+def _listed(container_id: str, attrs: dict[str, Any]) -> ObservedContainer:
+    """An entry of libpod's container list as the plan sees it."""
+    names = attrs.get("Names") or [container_id]
+    return ObservedContainer(
+        id=container_id,
+        name=str(names[0]),
+        state=str(attrs.get("State", "")),
+        labels=attrs.get("Labels") or {},
+        image=str(attrs.get("Image", "")),
+        image_id=str(attrs.get("ImageID", "")),
+    )
 
 
 # --- error details -------------------------------------------------------------------------
