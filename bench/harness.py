@@ -31,6 +31,7 @@ __all__ = [
     "Context",
     "Result",
     "Target",
+    "format_value",
     "interleaved",
     "load_average",
     "machine_summary",
@@ -127,6 +128,11 @@ class Result:
             "machine": dict(machine),
             "details": self.details,
         }
+
+
+def format_value(value: float, unit: str) -> str:
+    """``1.02x``, ``97.5 ms``, ``10%``: a figure as the tables show it."""
+    return f"{_number(value)}{_spaced(unit)}"
 
 
 def _number(value: float) -> str:
@@ -257,6 +263,7 @@ def machine_summary(*, quick: bool) -> dict[str, Any]:
         "commit": _git("rev-parse", "--short=12", "HEAD"),
         "tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "load_1m_at_start": load_average(),
+        "bytecode_cache": "PYTHONPYCACHEPREFIX" in os.environ,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "quick": quick,
     }
