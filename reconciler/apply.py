@@ -404,12 +404,14 @@ def _sweep_temporaries(node: Node) -> None:
     """Remove files ``write_atomic`` left behind when a process died between write and rename.
 
     Only with the agent lock held (every caller of ``converge`` has it): no other writer can be
-    mid-write then. The model store cleans its own scratch folders (``gc``).
+    mid-write then. The model store cleans its own scratch folders (``gc``); its index is
+    written the same way, in ``models/``.
     """
     folders = (
         node.paths.state_dir,
         node.paths.runtime,
         node.paths.work,
+        node.paths.models,
         node.paths.state_dir / "roots",
     )
     for folder in folders:

@@ -305,11 +305,15 @@ def test_git_lock_files_left_by_a_killed_writer_do_not_block_the_next_pass(
         (gitdir / name).parent.mkdir(parents=True, exist_ok=True)
         (gitdir / name).write_bytes(b"")
     (gitdir / "objects" / "tmp_object_git2_x").write_bytes(b"half an object")
+    # The model store's index is replaced the same way (found by the campaign, round 88).
+    index_scratch = running.node.state_dir / "models" / "..index.json.abcd1234.tmp"
+    index_scratch.write_bytes(b"{")
 
     running.once().ok()
 
     running.converged_on(wanted)
     assert [name for name in leftovers if (gitdir / name).exists()] == []
+    assert not index_scratch.exists()
 
 
 # ---- Podman and the registry ------------------------------------------------------------------
