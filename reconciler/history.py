@@ -24,6 +24,7 @@ node's lock file), and libgit2 fsyncs the git directory.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -167,6 +168,11 @@ class History:
         )
 
     def _ref_target(self, name: str) -> str | None:
+        # pygit2 (1.21) keeps a reference to the name it looks up whenever the ref exists: each
+        # lookup with a freshly built string leaked that string, 128 bytes per poll for
+        # refs/snapshots/<hex> (bench/watch_memory.py, tracemalloc). Interned, every lookup of
+        # one ref passes the same string object, so the leak stays one string per ref.
+        name = sys.intern(name)
         try:
             ref = self._repo.lookup_reference(name)
         except (KeyError, pygit2.InvalidSpecError):
