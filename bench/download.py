@@ -59,8 +59,12 @@ def run(ctx: Context) -> list[Result]:
     models_file = folder / "models.json"
     models_file.write_text(json.dumps([model_entry("big", "v1", files)]), encoding="utf-8")
     nginx = start_nginx(origin_root, folder / "nginx")
-    fileserver = FileServer(origin_root).start() if nginx is None else None
-    server_url = nginx.url if nginx is not None else fileserver.url  # type: ignore[union-attr]
+    fileserver = None
+    if nginx is not None:
+        server_url = nginx.url
+    else:
+        fileserver = FileServer(origin_root).start()
+        server_url = fileserver.url
     url = server_url + files[0].url
     copy = folder / "copy.bin"
     ensure_s: list[float] = []

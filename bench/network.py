@@ -25,7 +25,15 @@ from reconciler.settings import Settings, load_settings
 from tests.support.fileserver import FileServer
 from tests.support.signing import Release, RepositorySimulator, base_snapshot
 
-__all__ = ["BenchNode", "ModelFileOnDisk", "SignedOrigin", "model_entry", "write_model_file"]
+__all__ = [
+    "BenchNode",
+    "ModelFileOnDisk",
+    "SignedOrigin",
+    "model_entry",
+    "serve_model_files",
+    "snapshot_body",
+    "write_model_file",
+]
 
 _BLOCK = 1 * MIB
 

@@ -54,8 +54,8 @@ def main(argv: list[str]) -> int:
             samples[count] = _rss_mib()
         return outcome
 
-    agent.jittered = no_pause  # type: ignore[assignment]
-    agent._cycle = cycle  # type: ignore[assignment]
+    agent.jittered = no_pause
+    agent._cycle = cycle
     _setup_logging("human")
     code = agent.watch(lambda: load_settings(config=config), max_cycles=int(cycles))
     print(json.dumps({"exit": code, "cycles": count, "rss_mib": samples, "results": results}))
