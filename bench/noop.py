@@ -89,7 +89,8 @@ def run(ctx: Context) -> list[Result]:
     env = node.env()
     once = node.argv("once", "--offline")
     check = subprocess.run(once, env=env, capture_output=True, text=True, check=False)
-    if check.returncode != 0 or "converged on serial" not in check.stdout:
+    # A pass with nothing to do says "converged on serial N (digest)" and lists no actions.
+    if check.returncode != 0 or "converged on serial" not in check.stdout or "): " in check.stdout:
         raise RuntimeError(f"the node is not converged: {check.stdout}{check.stderr}"[-1500:])
     models = node.state_dir / "models"
     opened = _audited_opens(["once", "--offline"], env, models)
