@@ -10,6 +10,7 @@ repairs drift; nothing here touches Podman, git or the network directly.
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import signal
@@ -173,6 +174,11 @@ def watch(
                 cycles += 1
                 if max_cycles is not None and cycles >= max_cycles:
                     break
+                # An error raised through an edge (Podman, httpx) keeps its traceback, and the
+                # frames in it keep the connection they used: a reference cycle that Python
+                # frees only at a full collection, rare in a loop that allocates little. One
+                # per cycle, while idle, so no socket or memory outlives the pass that used it.
+                gc.collect()
                 # Drift repair runs every poll interval even while fetches back off.
                 pause = max(0.0, min(next_fetch - time.monotonic(), jittered(timing.poll_s, rng)))
                 wake.wait(pause)

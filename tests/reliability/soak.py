@@ -80,6 +80,7 @@ class SoakReport:
     containers_start: int = 0
     containers_end: int = 0
     temporary_files_end: int = 0
+    open_files: list[str] = field(default_factory=list)  # what the watch holds at the end
     exit_code: int | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -198,6 +199,7 @@ def run_soak(
         if not _wait_converged(env, latest, within_s=CONVERGE_WITHIN_S):
             report.problems.append(f"not converged on the last snapshot {latest[:19]}…")
         report.end = _quiet_figures(process.pid)
+        report.open_files = _open_files(process.pid)
         report.containers_end = _managed_count(podman)
     finally:
         server.faults.clear()
@@ -242,7 +244,9 @@ def _check_end(report: SoakReport, *, env: dict[str, str], messages: list[str]) 
             f"{len(applied)} applies converged but {len(signed_by_apply)} receipts say so"
         )
     if report.end.get("fds") != report.start.get("fds"):
-        report.problems.append(f"open files {report.start.get('fds')} → {report.end.get('fds')}")
+        report.problems.append(
+            f"open files {report.start.get('fds')} → {report.end.get('fds')}: {report.open_files}"
+        )
     growth = report.end.get("rss_kib", 0) - report.start.get("rss_kib", 0)
     series = report.rss_series_kib
     if report.seconds >= LONG_SOAK_S and len(series) >= 4:
@@ -262,6 +266,28 @@ def _quiet_figures(pid: int, *, samples: int = 30, every_s: float = 0.1) -> dict
     the time, so the least seen over a few seconds is what it holds when idle."""
     seen = [process_figures(pid) for _ in range(samples) if time.sleep(every_s) is None]
     return {key: min(s[key] for s in seen) for key in ("fds", "rss_kib")}
+
+
+def _open_files(pid: int) -> list[str]:
+    """What each descriptor is; a socket is named by its unix path or TCP peer port."""
+    peers: dict[str, str] = {}
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 7:
+            peers[fields[6]] = fields[7] if len(fields) > 7 else "unix (unnamed)"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            peers[fields[9]] = "tcp to port " + str(int(fields[2].rsplit(":", 1)[1], 16))
+    found = []
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        inode = target.removeprefix("socket:[").removesuffix("]")
+        found.append(f"{fd}→{peers.get(inode, target) if target.startswith('socket:') else target}")
+    return found
 
 
 def _managed_count(podman: PrivatePodman) -> int:
