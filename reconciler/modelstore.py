@@ -54,6 +54,7 @@ from typing import Any
 
 import httpx
 
+from reconciler.atomic import fsync_dir, write_atomic
 from reconciler.documents import ModelFile, ModelSpec, format_time
 from reconciler.download import deadline_for, download_file
 from reconciler.errors import (
@@ -219,7 +220,7 @@ class _Index:
             "failures": {k: vars(v) for k, v in sorted(self.failures.items())},
             "models": dict(sorted(self.models.items())),
         }
-        _write_atomically(self.path, json.dumps(data, indent=1).encode() + b"\n")
+        write_atomic(self.path, json.dumps(data, indent=1).encode() + b"\n")
 
 
 class ModelStore:
@@ -478,7 +479,7 @@ class ModelStore:
                 "files": {f.path: f.digest for f in model.files},
                 "installed_at": format_time(time.time()),
             }
-            self._save(index)
+            index.save()
         return True
 
     def remove(self, model_id: str) -> bool:
@@ -499,7 +500,7 @@ class ModelStore:
         with self._lock:
             index = self._loaded()
             if index.models.pop(model_id, None) is not None or existed:
-                self._save(index)
+                index.save()
         return existed
 
     def gc(self, keep: set[str]) -> GcReport:
@@ -538,7 +539,7 @@ class ModelStore:
             installed = {m.model_id for m in self.installed_models()}
             index.models = {k: v for k, v in index.models.items() if k in installed}
             if self.root.is_dir():
-                self._save(index)
+                index.save()
         if removed:
             _log.info("removed %d unused model blob(s), %s", removed, format_bytes(freed))
         return GcReport(removed_blobs=removed, freed_bytes=freed)
@@ -565,7 +566,7 @@ class ModelStore:
             for installed in self.installed_models():
                 bad.extend(self._verify_tree(installed, good_inodes, bad_inodes, repair=repair))
             if self.root.is_dir():
-                self._save(index)
+                index.save()
         return bad
 
     # ----------------------------------------------------------- internals
@@ -575,12 +576,6 @@ class ModelStore:
             if self._index is None:
                 self._index = _Index.load(self.root / INDEX_NAME)
             return self._index
-
-    def _save(self, index: _Index) -> None:
-        try:
-            index.save()
-        except OSError as exc:
-            raise _os_error(exc, "saving the model index") from exc
 
     def _blob_ok(self, digest: str) -> bool:
         """True if the blob exists and is verified; a blob whose stat changed is hashed
@@ -598,13 +593,13 @@ class ModelStore:
         with self._lock:
             problem = self._verify_blob_file(blob, index, {}, set())
             if problem is None:
-                self._save(index)
+                index.save()
                 return True
             _log.warning("model blob %s is damaged (%s); deleting it", blob, problem)
             with contextlib.suppress(FileNotFoundError):
                 blob.unlink()
             index.blobs.pop(hex_, None)
-            self._save(index)
+            index.save()
             return False
 
     def _verify_blob_file(
@@ -759,7 +754,7 @@ class ModelStore:
         partial.chmod(0o444)
         blob = self.blob_dir / hex_
         os.replace(partial, blob)
-        _fsync_dir(self.blob_dir)
+        fsync_dir(self.blob_dir)
         st = blob.lstat()
         with self._lock:
             index = self._loaded()
@@ -770,7 +765,7 @@ class ModelStore:
                 verified_at=format_time(time.time()),
             )
             index.failures.pop(hex_, None)
-            self._save(index)
+            index.save()
 
     def _record_failure(self, hex_: str, kind: str, exc: ReconcilerError) -> None:
         with self._lock:
@@ -779,7 +774,7 @@ class ModelStore:
                 kind=kind, reason=exc.one_line(), at=format_time(time.time())
             )
             if self.root.is_dir():
-                self._save(index)
+                index.save()
 
     def _build_tree(self, model: ModelSpec, tree: Path) -> None:
         if tree.exists() or tree.is_symlink():
@@ -801,7 +796,7 @@ class ModelStore:
             tree.parent.mkdir(parents=True, exist_ok=True)
             _fsync_tree_dirs(aside)
             os.rename(aside, tree)
-            _fsync_dir(tree.parent)
+            fsync_dir(tree.parent)
         except BaseException:
             shutil.rmtree(aside, ignore_errors=True)
             raise
@@ -827,7 +822,7 @@ class ModelStore:
             os.replace(scratch, target)
             _log.info("repaired %s in model %s", rel, model.id)
         _prune_empty_dirs(tree, keep={str(Path(p).parent) for p in wanted})
-        _fsync_dir(tree)
+        fsync_dir(tree)
 
     def _discard(self, path: Path) -> None:
         """Make ``path`` disappear at once (rename into the trash), then delete it."""
@@ -1024,30 +1019,6 @@ def _prune_empty_dirs(tree: Path, *, keep: set[str]) -> None:
                 Path(folder).rmdir()
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree_dirs(tree: Path) -> None:
     for folder, _subdirs, _files in os.walk(tree):
-        _fsync_dir(Path(folder))
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(scratch, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(scratch)
-        raise
-    _fsync_dir(path.parent)
+        fsync_dir(Path(folder))
