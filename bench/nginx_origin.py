@@ -18,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.support.podman_fixtures import free_port
+
 __all__ = ["NginxOrigin", "start_nginx"]
 
 _CONFIG = """daemon off;
@@ -62,12 +64,6 @@ class NginxOrigin:
                 self.process.wait(timeout=10)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_nginx(root: Path, prefix: Path) -> NginxOrigin | None:
     binary = shutil.which("nginx") or (
         "/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None
@@ -75,7 +71,7 @@ def start_nginx(root: Path, prefix: Path) -> NginxOrigin | None:
     if binary is None:
         return None
     prefix.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     # Workers would otherwise switch to "nobody", who cannot enter a 0700 scratch folder.
     user = "user root;" if os.geteuid() == 0 else ""
     config = prefix / "nginx.conf"

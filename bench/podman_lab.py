@@ -30,13 +30,13 @@ from tests.support.podman_fixtures import (
     IMAGES,
     PodmanService,
     Registry,
-    _free_port,
     _kill_leftovers,
     _manifest_digest,
-    _render,
     _rootfs_tar,
     _stop_group,
     _wait_until,
+    free_port,
+    render_template,
 )
 
 __all__ = ["ApiProbe", "PodmanLab", "start_lab"]
@@ -54,8 +54,8 @@ class PodmanLab:
 
 def _start_registry(folder: Path, stack: contextlib.ExitStack) -> Registry:
     folder.mkdir(parents=True)
-    host = f"127.0.0.1:{_free_port()}"
-    config = _render("registry.yml", folder / "config.yml", TMP=str(folder), REGISTRY=host)
+    host = f"127.0.0.1:{free_port()}"
+    config = render_template("registry.yml", folder / "config.yml", TMP=str(folder), REGISTRY=host)
     log = folder / "registry.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -84,13 +84,13 @@ def _start_service(folder: Path, registry: Registry, stack: contextlib.ExitStack
     env = dict(os.environ)
     env.update(
         CONTAINERS_CONF=str(
-            _render("containers.conf", folder / "containers.conf", TMP=str(folder))
+            render_template("containers.conf", folder / "containers.conf", TMP=str(folder))
         ),
         CONTAINERS_STORAGE_CONF=str(
-            _render("storage.conf", folder / "storage.conf", TMP=str(folder))
+            render_template("storage.conf", folder / "storage.conf", TMP=str(folder))
         ),
         CONTAINERS_REGISTRIES_CONF=str(
-            _render("registries.conf", folder / "registries.conf", REGISTRY=registry.host)
+            render_template("registries.conf", folder / "registries.conf", REGISTRY=registry.host)
         ),
     )
     env.pop("CONTAINER_HOST", None)

@@ -30,6 +30,7 @@ from click.testing import CliRunner
 
 from reconciler.cli import cli
 from tests.support.origin_fixtures import NodeUnderTest
+from tests.support.podman_fixtures import free_port
 from tests.support.signing import base_snapshot
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "docs" / "demo" / "nginx.conf.in"
@@ -59,12 +60,6 @@ class Nginx:
             return exc.code, {k.lower(): v for k, v in exc.headers.items()}
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def nginx(tmp_path: Path) -> Iterator[Nginx]:
     binary = shutil.which("nginx") or next(
@@ -76,7 +71,7 @@ def nginx(tmp_path: Path) -> Iterator[Nginx]:
     root = tmp_path / "origin"
     prefix.mkdir()
     root.mkdir()
-    port = _free_port()
+    port = free_port()
     text = TEMPLATE.read_text(encoding="utf-8")
     values = {
         "PREFIX": str(prefix),

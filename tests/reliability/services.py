@@ -25,23 +25,14 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.podman_fixtures import ENV_TEMPLATES, PodmanService, Registry
+from tests.support.podman_fixtures import (
+    PodmanService,
+    Registry,
+    free_port,
+    render_template,
+)
 
 __all__ = ["PrivatePodman", "PrivateRegistry", "free_port"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _render(template: str, target: Path, **values: str) -> Path:
-    text = (ENV_TEMPLATES / template).read_text(encoding="utf-8")
-    for key, value in values.items():
-        text = text.replace(f"@{key}@", value)
-    target.write_text(text, encoding="utf-8")
-    return target
 
 
 def _wait(ready: Callable[[], bool], *, what: str, process: subprocess.Popen[bytes]) -> None:
@@ -82,10 +73,10 @@ class PrivatePodman:
         env.pop("CONTAINER_HOST", None)
         env.update(
             CONTAINERS_CONF=str(
-                _render("containers.conf", folder / "containers.conf", TMP=str(folder))
+                render_template("containers.conf", folder / "containers.conf", TMP=str(folder))
             ),
             CONTAINERS_STORAGE_CONF=str(
-                _render("storage.conf", folder / "storage.conf", TMP=str(folder))
+                render_template("storage.conf", folder / "storage.conf", TMP=str(folder))
             ),
             CONTAINERS_REGISTRIES_CONF=str(conf),
         )
@@ -148,7 +139,7 @@ class PrivateRegistry:
         folder.mkdir(parents=True, exist_ok=True)
         self.host = f"127.0.0.1:{free_port()}"
         # The template puts storage at @TMP@/registry: point @TMP@ at the session's folder.
-        self.config = _render(
+        self.config = render_template(
             "registry.yml", folder / "config.yml", TMP=str(serving.folder), REGISTRY=self.host
         )
         self._process: subprocess.Popen[bytes] | None = None

@@ -116,13 +116,13 @@ def build_snapshot(*, schema: bool = True, **kwargs: Any) -> Snapshot:
 # --- processes --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _render(template: str, target: Path, **values: str) -> Path:
+def render_template(template: str, target: Path, **values: str) -> Path:
     text = (ENV_TEMPLATES / template).read_text(encoding="utf-8")
     for key, value in values.items():
         text = text.replace(f"@{key}@", value)
@@ -218,8 +218,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     if shutil.which("docker-registry") is None:
         pytest.skip("docker-registry is not installed: image pulls need a loopback registry")
     folder = tmp_path_factory.mktemp("registry")
-    host = f"127.0.0.1:{_free_port()}"
-    config = _render("registry.yml", folder / "config.yml", TMP=str(folder), REGISTRY=host)
+    host = f"127.0.0.1:{free_port()}"
+    config = render_template("registry.yml", folder / "config.yml", TMP=str(folder), REGISTRY=host)
     log = folder / "registry.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -255,13 +255,13 @@ def podman_service(
     env = dict(os.environ)
     env.update(
         CONTAINERS_CONF=str(
-            _render("containers.conf", folder / "containers.conf", TMP=str(folder))
+            render_template("containers.conf", folder / "containers.conf", TMP=str(folder))
         ),
         CONTAINERS_STORAGE_CONF=str(
-            _render("storage.conf", folder / "storage.conf", TMP=str(folder))
+            render_template("storage.conf", folder / "storage.conf", TMP=str(folder))
         ),
         CONTAINERS_REGISTRIES_CONF=str(
-            _render("registries.conf", folder / "registries.conf", REGISTRY=registry.host)
+            render_template("registries.conf", folder / "registries.conf", REGISTRY=registry.host)
         ),
     )
     # A CONTAINER_HOST inherited from the developer's shell would send CLI calls elsewhere.
