@@ -36,10 +36,8 @@ def _newest_waiting(node: Node) -> str | None:
     head = node.history.head_oid()
     head_serial = node.history.info(head).serial if head else 0
     best: tuple[int, str] | None = None
-    for digest in (*node.state.waiting, *node.history.snapshot_refs()):
-        oid = node.history.snapshot_ref(digest)
-        if oid is None:
-            continue
+    # Every stored snapshot has a ref, so the refs alone cover the recorded waiting list.
+    for oid in node.history.snapshot_refs().values():
         serial = node.history.info(oid).serial
         if serial > head_serial and (best is None or serial > best[0]):
             best = (serial, oid)
