@@ -12,6 +12,7 @@ Two rules are tightened to what JSON Schema means and what other validators do:
 
 from __future__ import annotations
 
+import datetime
 import json
 import numbers
 import re
@@ -107,7 +108,14 @@ def _pattern(validator: Any, pattern: str, instance: object, _schema: object) ->
 
 
 def validate(name: SchemaName, document: object) -> None:
-    """Raise ``SchemaError`` naming the first violation (deepest, most relevant)."""
+    """Raise ``SchemaError`` naming the first violation (deepest, most relevant).
+
+    A document ``certainly_valid`` vouches for is accepted without importing jsonschema
+    (~100 ms, more than the rest of a no-op pass); every other one goes to jsonschema, which
+    decides and words the error.
+    """
+    if certainly_valid(name, document):
+        return
     jsonschema = _import_jsonschema()
     validator = _validator(name)
     error = jsonschema.exceptions.best_match(validator.iter_errors(document))
@@ -120,16 +128,18 @@ def validate(name: SchemaName, document: object) -> None:
     raise SchemaError(f"{where}: {message}")
 
 
-# ---- a fast "certainly valid" for small documents -------------------------------------------
+# ---- a fast "certainly valid" ----------------------------------------------------------------
 #
-# Importing jsonschema costs about 100 ms, more than all the rest of `reconcile status` (bench/
-# startup.py). ``certainly_valid`` reads the schema file itself and answers True only when it
-# can prove the document matches, using the few keywords below with the same meaning as the
-# validator above (``pattern`` through ``_compiled``, ``integer`` without ``bool``). Anything
-# else — a keyword or format it does not know, a value that fails, a NaN — gives False, and the
-# caller then runs ``validate``, which decides and words the error. So a document is accepted
-# or refused exactly as before; only the time differs. A schema that starts using another
-# keyword simply stops taking the fast path.
+# Importing jsonschema costs about 100 ms, more than all the rest of `reconcile status` or of a
+# no-op pass (bench/startup.py, bench/noop.py). ``certainly_valid`` reads the schema files
+# itself and answers True only when it can prove the document matches, using the keywords
+# below with the same meaning as the validator above (``pattern`` through ``_compiled``,
+# ``integer`` without ``bool``, formats only in forms their checkers surely accept). Anything
+# else — a keyword or format it does not know, a value that fails, a NaN — gives False, and
+# ``validate`` then asks jsonschema, which decides and words the error. So a document is
+# accepted or refused exactly as before; only the time differs (tests/test_schema_fast.py
+# holds it to that). A schema that starts using another keyword simply stops taking the fast
+# path.
 
 _ANNOTATIONS = frozenset({"$schema", "$id", "$defs", "title", "description"})
 _FAST_KEYWORDS = _ANNOTATIONS | {
@@ -143,15 +153,29 @@ _FAST_KEYWORDS = _ANNOTATIONS | {
     "minimum",
     "maximum",
     "exclusiveMinimum",
+    "const",
+    "minItems",
     "maxItems",
     "uniqueItems",
     "items",
+    "required",
+    "maxProperties",
+    "propertyNames",
     "properties",
     "additionalProperties",
+    "allOf",
+    "not",
+    "if",
+    "then",
 }
 # A strict subset of RFC 3986 URIs: scheme "://" plain host, optional port, plain path. Every
 # string it matches is a URI to rfc3986-validator; others go to the full check.
 _PLAIN_URI = re.compile(r"[a-z][a-z0-9+.-]*://[A-Za-z0-9.-]*(:[0-9]{1,5})?(/[A-Za-z0-9._~-]*)*\Z")
+# Likewise for URI references: a plain URI as above, or a relative path whose first segment is
+# not empty and has no colon (so it cannot be read as a scheme or an authority).
+_PLAIN_RELATIVE = re.compile(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]*)*\Z")
+# And for date-times: the one form the contract writes; the calendar check follows.
+_PLAIN_TIME = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})Z\Z")
 
 
 @cache
@@ -172,7 +196,15 @@ def _fits(schema: Any, value: object, file: str) -> bool:
         target, in_file = _resolve(schema["$ref"], file)
         if target is None or not _fits(target, value, in_file):
             return False
-    checks = (_fits_type, _fits_enum, _fits_string, _fits_number, _fits_array, _fits_object)
+    checks = (
+        _fits_type,
+        _fits_enum,
+        _fits_string,
+        _fits_number,
+        _fits_array,
+        _fits_object,
+        _fits_combined,
+    )
     return all(check(schema, value, file) for check in checks)
 
 
@@ -209,13 +241,17 @@ def _fits_type(schema: dict[str, Any], value: object, _file: str) -> bool:
         return isinstance(value, list)
     if kind == "object":
         return isinstance(value, dict)
+    if kind == "boolean":
+        return isinstance(value, bool)
     return False
 
 
 def _fits_enum(schema: dict[str, Any], value: object, _file: str) -> bool:
+    # Only strings: JSON Schema's equality has its own rules for numbers and booleans.
+    if "const" in schema and not (isinstance(schema["const"], str) and value == schema["const"]):
+        return False
     if "enum" not in schema:
         return True
-    # Only strings: JSON Schema's equality has its own rules for numbers and booleans.
     return isinstance(value, str) and value in [e for e in schema["enum"] if isinstance(e, str)]
 
 
@@ -227,8 +263,26 @@ def _fits_string(schema: dict[str, Any], value: object, _file: str) -> bool:
     if "pattern" in schema and not _compiled(schema["pattern"]).search(value):
         return False
     if "format" in schema:
-        return schema["format"] == "uri" and _PLAIN_URI.match(value) is not None
+        return _fits_format(schema["format"], value)
     return True
+
+
+def _fits_format(form: object, value: str) -> bool:
+    if form == "uri":
+        return _PLAIN_URI.match(value) is not None
+    if form == "uri-reference":
+        return _PLAIN_URI.match(value) is not None or _PLAIN_RELATIVE.match(value) is not None
+    if form == "date-time":
+        match = _PLAIN_TIME.match(value)
+        if match is None:
+            return False
+        try:
+            year, month, day, hour, minute, second = (int(part) for part in match.groups())
+            datetime.datetime(year, month, day, hour, minute, second)
+        except ValueError:
+            return False  # 30 February, hour 24, second 60…
+        return True
+    return False
 
 
 def _fits_number(schema: dict[str, Any], value: object, _file: str) -> bool:
@@ -248,7 +302,7 @@ def _fits_number(schema: dict[str, Any], value: object, _file: str) -> bool:
 def _fits_array(schema: dict[str, Any], value: object, file: str) -> bool:
     if not isinstance(value, list):
         return True  # array keywords do not apply to other types
-    if len(value) > schema.get("maxItems", len(value)):
+    if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value)):
         return False
     if schema.get("uniqueItems") and (
         not all(isinstance(item, str) for item in value) or len(set(value)) != len(value)
@@ -260,8 +314,46 @@ def _fits_array(schema: dict[str, Any], value: object, file: str) -> bool:
 def _fits_object(schema: dict[str, Any], value: object, file: str) -> bool:
     if not isinstance(value, dict):
         return True  # object keywords do not apply to other types
+    if not all(key in value for key in schema.get("required", ())):
+        return False
+    if len(value) > schema.get("maxProperties", len(value)):
+        return False
+    if "propertyNames" in schema and not all(
+        _fits(schema["propertyNames"], key, file) for key in value
+    ):
+        return False
     properties = schema.get("properties", {})
     extra = schema.get("additionalProperties", True)
-    if extra is not True and (extra is not False or not set(value) <= set(properties)):
+    for key, item in value.items():
+        if key in properties:
+            if not _fits(properties[key], item, file):
+                return False
+        elif extra is False or (extra is not True and not _fits(extra, item, file)):
+            return False
+    return True
+
+
+def _fits_combined(schema: dict[str, Any], value: object, file: str) -> bool:
+    if "allOf" in schema and not all(_fits(part, value, file) for part in schema["allOf"]):
         return False
-    return all(_fits(properties[k], item, file) for k, item in value.items() if k in properties)
+    if "not" in schema and not _surely_differs(schema["not"], value):
+        return False
+    if "if" in schema:
+        condition = schema["if"]
+        # Only an ``if`` that can be decided exactly either way: a list of required names.
+        if not isinstance(condition, dict) or set(condition) != {"required"}:
+            return False
+        holds = isinstance(value, dict) and all(key in value for key in condition["required"])
+        if not holds:
+            # ``else`` is not among the fast keywords, so a failed condition asks nothing more.
+            return True
+        return "then" not in schema or _fits(schema["then"], value, file)
+    return "then" not in schema  # a ``then`` without ``if`` means nothing; let validate say so
+
+
+def _surely_differs(schema: object, value: object) -> bool:
+    """True only if ``value`` certainly does not match ``schema`` (``not`` of a string const)."""
+    if not isinstance(schema, dict) or set(schema) != {"const"}:
+        return False
+    const = schema["const"]
+    return isinstance(const, str) and isinstance(value, str) and value != const
