@@ -215,7 +215,8 @@ def compute_plan(node: Node, desired: Desired, *, edge: PodmanEdge, store: Model
 
 
 def open_edge(node: Node) -> PodmanEdge:
-    return PodmanEdge(node.settings.effective_podman_url)
+    settings = node.settings
+    return PodmanEdge(settings.effective_podman_url, registry_auth_file=settings.registry_auth_file)
 
 
 # ---- the transaction ------------------------------------------------------------------------

@@ -23,6 +23,15 @@ This is the only module that talks to Podman (through podman-py). Rules it keeps
 * A container without the managed label is never stopped, removed, renamed or signalled, and a
   plan with conflicts (such a container holding a desired name) is refused before any change.
 
+Registry credentials (setting ``registry_auth_file``, a containers-auth.json(5) file): when an
+image has to be pulled, the file is read and the entry for the image's registry is looked up,
+most specific key first (``host/namespace/repo``, then ``host/namespace``, then ``host``); its
+user and password go to Podman with that one pull (the ``X-Registry-Auth`` header, as
+podman-py's ``ImagesManager.pull(auth_config=…)`` sends them). No matching entry: the pull goes
+without credentials and the Podman service's own apply. A file that is missing, unreadable or
+malformed fails that pull (``RegistryError``, from the ``SettingsError`` that says what is
+wrong with the file), like any other pull failure. Passwords never appear in messages or logs.
+
 Health is checked by the agent (Podman's own health timers need systemd): after a container is
 started, restarted or signalled, it must keep running, and if its spec has a health check, the
 command must exit 0 within its timeout on one of ``retries`` tries ``interval_s`` apart (counted
@@ -37,15 +46,19 @@ temporary container left by a crash is managed, undesired, and so removed by the
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
 import urllib3.exceptions
 from podman import PodmanClient
+from podman.api import encode_auth_header
 from podman.errors import APIError, PodmanError
 
 from reconciler.desired import LABEL_MANAGED, LOOPBACK, NETWORK_NAME, ContainerSpec
@@ -60,7 +73,16 @@ from reconciler.errors import (
 )
 from reconciler.plan import Action, ObservedContainer, Plan
 
-__all__ = ["TEMPORARY_SUFFIX", "ActionOutcome", "PodmanEdge"]
+__all__ = [
+    "TEMPORARY_SUFFIX",
+    "ActionOutcome",
+    "PodmanEdge",
+    "RegistryCredentials",
+    "auth_scopes",
+    "load_registry_auth",
+    "match_auth_key",
+    "registry_credentials",
+]
 
 # Runtime names are lowercase, so no desired container can ever be called "<name>-NEXT".
 TEMPORARY_SUFFIX = "-NEXT"
@@ -69,6 +91,10 @@ _CONTAINER_PREFIX_FILTER = "^reconciler-"
 # OSErrors; urllib3 may leak from streamed bodies; ValueError/KeyError from odd responses.
 _THIRD_PARTY = (OSError, PodmanError, urllib3.exceptions.HTTPError, ValueError, KeyError)
 _MESSAGE_LIMIT = 300  # characters of a Podman or container message kept in an error line
+_AUTH_FILE_LIMIT = 1 << 20  # bytes: a containers-auth.json is a few hundred
+# Spellings of Docker Hub in auth files and image names; containers/image treats them as one.
+_DOCKER_HUB = "docker.io"
+_DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 
 
 @dataclass(frozen=True)
@@ -114,8 +140,11 @@ class PodmanEdge:
         pull_timeout_s: float = 600,
         stop_timeout_s: int = 10,
         settle_s: float = 2.0,
+        registry_auth_file: str | Path | None = None,
     ) -> None:
         self.url = url
+        # containers-auth.json(5) with credentials for pulls; read at each pull, not here.
+        self.registry_auth_file = Path(registry_auth_file) if registry_auth_file else None
         self.timeout_s = timeout_s  # each ordinary API call
         # The longest Podman may stay silent during a pull: it is a socket read timeout, and
         # Podman reports each layer when it starts, not bytes, so one huge layer on a slow
@@ -242,10 +271,22 @@ class PodmanEdge:
         if not allow_pull:
             raise RegistryError(f"image {image} is not on this node and pulling is off (offline)")
         doing = f"pulling {image}"
+        headers: dict[str, str] = {}
+        if self.registry_auth_file is not None:
+            try:
+                credentials = registry_credentials(image, self.registry_auth_file)
+            except SettingsError as exc:
+                raise RegistryError(f"{doing}: {exc.one_line()}") from exc
+            if credentials is not None:
+                # Names the entry and the file, never the secret.
+                doing += f" (credentials for {credentials.key} from {self.registry_auth_file})"
+                encoded = encode_auth_header(credentials.auth_config())
+                headers["X-Registry-Auth"] = encoded.decode("ascii")
         try:
             response = self._client.api.post(
                 "/images/pull",
                 params={"reference": image, "policy": "missing"},
+                headers=headers or None,
                 timeout=self.pull_timeout_s,
             )
             status = int(response.status_code)
@@ -650,6 +691,147 @@ def _listed(container_id: str, attrs: dict[str, Any]) -> ObservedContainer:
         image=str(attrs.get("Image", "")),
         image_id=str(attrs.get("ImageID", "")),
     )
+
+
+# --- registry credentials ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegistryCredentials:
+    """The credentials an auth file holds for one image; ``repr`` leaves the password out."""
+
+    key: str  # the auth file's key that matched, normalised (e.g. ``127.0.0.1:5000/team``)
+    username: str
+    password: str = field(repr=False)
+
+    def auth_config(self) -> dict[str, str]:
+        """What podman-py's ``auth_config`` takes (sent as the ``X-Registry-Auth`` header)."""
+        return {"username": self.username, "password": self.password}
+
+
+def _image_name(image: str) -> str:
+    """``host[:port]/path`` of an image reference: without digest and tag, registry explicit.
+
+    As Docker and containers/image read a reference, the first component is a registry only
+    if it has a ``.`` or a ``:`` or is ``localhost``; otherwise the image is on Docker Hub
+    (``docker.io``, ``library/`` for a single component).
+    """
+    name = image.split("@", 1)[0]
+    last_slash = name.rfind("/")
+    if ":" in name[last_slash + 1 :]:
+        name = name[: name.rindex(":")]
+    first, sep, rest = name.partition("/")
+    if not sep or not ("." in first or ":" in first or first == "localhost"):
+        rest = name if sep else f"library/{name}"
+        first = _DOCKER_HUB
+    if first in _DOCKER_HUB_ALIASES:
+        first = _DOCKER_HUB
+    return f"{first}/{rest}"
+
+
+def auth_scopes(image: str) -> list[str]:
+    """The auth file keys that can apply to ``image``, most specific first.
+
+    ``127.0.0.1:5000/team/web@sha256:…`` → ``127.0.0.1:5000/team/web``,
+    ``127.0.0.1:5000/team``, ``127.0.0.1:5000``.
+    """
+    parts = _image_name(image).split("/")
+    return ["/".join(parts[:n]) for n in range(len(parts), 0, -1)]
+
+
+def _normalise_key(key: str) -> str:
+    """An auth file key as containers/image compares it.
+
+    A key with a scheme is Docker's legacy form (``https://index.docker.io/v1/``): only its
+    host counts. Docker Hub's host names all mean ``docker.io``.
+    """
+    stripped = key.removeprefix("http://").removeprefix("https://")
+    if stripped != key:
+        stripped = stripped.split("/", 1)[0]
+    stripped = stripped.rstrip("/")
+    host, sep, path = stripped.partition("/")
+    if host in _DOCKER_HUB_ALIASES:
+        host = _DOCKER_HUB
+    return host + sep + path
+
+
+def match_auth_key(image: str, keys: Iterable[str]) -> str | None:
+    """The key among ``keys`` whose entry applies to ``image`` (most specific), or ``None``.
+
+    Pure: ``keys`` are the auth file's keys as written; the one returned is as written too.
+    A key spelled exactly as the scope wins over a legacy spelling of the same scope.
+    """
+    by_scope: dict[str, str] = {}
+    for key in keys:
+        scope = _normalise_key(key)
+        if scope not in by_scope or key == scope:
+            by_scope[scope] = key
+    for scope in auth_scopes(image):
+        if scope in by_scope:
+            return by_scope[scope]
+    return None
+
+
+def load_registry_auth(path: Path) -> dict[str, Any]:
+    """The ``auths`` object of a containers-auth.json file; ``SettingsError`` if unusable."""
+    where = f"registry_auth_file {path}"
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(_AUTH_FILE_LIMIT + 1)
+    except OSError as exc:
+        raise SettingsError(f"{where} cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > _AUTH_FILE_LIMIT:
+        raise SettingsError(f"{where} is larger than {_AUTH_FILE_LIMIT} bytes")
+    try:
+        document = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise SettingsError(f"{where} is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        # The decoder's message names a position, never the text around it.
+        raise SettingsError(f"{where} is not JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(document, dict):
+        raise SettingsError(f"{where} is not a JSON object")
+    auths = document.get("auths", {})
+    if not isinstance(auths, dict):
+        raise SettingsError(f'{where}: "auths" is not an object')
+    return auths
+
+
+def _entry_credentials(key: str, entry: Any, *, where: str) -> RegistryCredentials:
+    """User and password of one ``auths`` entry: ``auth`` (base64 of ``user:password``) or
+    ``username`` and ``password``. Messages name the key, never a value."""
+    if not isinstance(entry, dict):
+        raise SettingsError(f"{where}: the entry for {key!r} is not an object")
+    scope = _normalise_key(key)
+    auth = entry.get("auth")
+    if auth:
+        if not isinstance(auth, str):
+            raise SettingsError(f'{where}: "auth" of {key!r} is not a string')
+        try:
+            decoded = base64.b64decode(auth.encode("ascii")).decode("utf-8")
+        except (binascii.Error, UnicodeError, ValueError):
+            decoded = ""
+        user, sep, secret = decoded.partition(":")
+        if not sep or not user:
+            raise SettingsError(f'{where}: "auth" of {key!r} is not base64 of user:password')
+        return RegistryCredentials(scope, user, secret)
+    username, password = entry.get("username"), entry.get("password")
+    if isinstance(username, str) and username and isinstance(password, str):
+        return RegistryCredentials(scope, username, password)
+    raise SettingsError(f'{where}: the entry for {key!r} has no "auth" nor username and password')
+
+
+def registry_credentials(image: str, path: Path) -> RegistryCredentials | None:
+    """The credentials ``path`` holds for ``image``; ``None`` when no entry applies.
+
+    Raises ``SettingsError`` when the file is missing, unreadable or malformed, or when the
+    entry that applies carries no usable credentials (other entries are not judged).
+    """
+    auths = load_registry_auth(path)
+    key = match_auth_key(image, auths)
+    if key is None:
+        return None
+    return _entry_credentials(key, auths[key], where=f"registry_auth_file {path}")
 
 
 # --- error details -------------------------------------------------------------------------
