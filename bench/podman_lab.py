@@ -30,13 +30,13 @@ from tests.support.podman_fixtures import (
     IMAGES,
     PodmanService,
     Registry,
-    _kill_leftovers,
-    _manifest_digest,
-    _rootfs_tar,
-    _stop_group,
-    _wait_until,
     free_port,
+    kill_leftovers,
+    manifest_digest,
     render_template,
+    rootfs_tar,
+    stop_group,
+    wait_until,
 )
 
 __all__ = ["ApiProbe", "PodmanLab", "start_lab"]
@@ -64,7 +64,7 @@ def _start_registry(folder: Path, stack: contextlib.ExitStack) -> Registry:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    stack.callback(_stop_group, process)
+    stack.callback(stop_group, process)
 
     def answers() -> bool:
         try:
@@ -73,7 +73,7 @@ def _start_registry(folder: Path, stack: contextlib.ExitStack) -> Registry:
         except (urllib.error.URLError, OSError):
             return False
 
-    _wait_until(answers, what="docker-registry", process=process, log=log)
+    wait_until(answers, what="docker-registry", process=process, log=log)
     return Registry(host=host, folder=folder)
 
 
@@ -111,9 +111,9 @@ def _start_service(folder: Path, registry: Registry, stack: contextlib.ExitStack
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             service.cli("rm", "--all", "--force", "--time", "0", check=False)
             service.cli("network", "prune", "--force", check=False)
-        _stop_group(process)
+        stop_group(process)
         # conmon outlives the service; only processes naming this lab's folder are killed.
-        _kill_leftovers(folder)
+        kill_leftovers(folder)
 
     stack.callback(stop)
 
@@ -127,7 +127,7 @@ def _start_service(folder: Path, registry: Registry, stack: contextlib.ExitStack
                 return False
         return True
 
-    _wait_until(answers, what="podman system service", process=process, log=log)
+    wait_until(answers, what="podman system service", process=process, log=log)
     return service
 
 
@@ -135,12 +135,12 @@ def _push_image(
     folder: Path, service: PodmanService, registry: Registry, *, name: str, index: str
 ) -> str:
     command = IMAGES["sleeper"][0]
-    tar = _rootfs_tar(folder, command_index=index)
+    tar = rootfs_tar(folder, command_index=index)
     local = f"localhost/reconciler-bench/{name}:v1"
     remote = f"{registry.host}/reconciler/{name}:v1"
     service.cli("import", "--change", "CMD " + json.dumps(["sh", "-c", command]), str(tar), local)
     service.cli("push", "--tls-verify=false", local, remote)
-    digest = _manifest_digest(registry, f"reconciler/{name}", "v1")
+    digest = manifest_digest(registry, f"reconciler/{name}", "v1")
     service.cli("rmi", "--force", local)
     return f"{registry.host}/reconciler/{name}@{digest}"
 

@@ -35,7 +35,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,12 +117,14 @@ def build_snapshot(*, schema: bool = True, **kwargs: Any) -> Snapshot:
 
 
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
 def render_template(template: str, target: Path, **values: str) -> Path:
+    """``podman_env/<template>`` with every ``@KEY@`` set to ``values[KEY]``, as ``target``."""
     text = (ENV_TEMPLATES / template).read_text(encoding="utf-8")
     for key, value in values.items():
         text = text.replace(f"@{key}@", value)
@@ -130,7 +132,8 @@ def render_template(template: str, target: Path, **values: str) -> Path:
     return target
 
 
-def _stop_group(process: subprocess.Popen[bytes]) -> None:
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ``process``'s group, SIGKILL it after 10 s; nothing if it has already exited."""
     if process.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -143,7 +146,7 @@ def _stop_group(process: subprocess.Popen[bytes]) -> None:
         process.wait(timeout=10)
 
 
-def _kill_leftovers(folder: Path) -> None:
+def kill_leftovers(folder: Path) -> None:
     """SIGKILL processes whose command line names ``folder`` (only this service's own).
 
     conmon outlives the service: it monitors containers, and for exec sessions (every health
@@ -162,7 +165,10 @@ def _kill_leftovers(folder: Path) -> None:
                 os.kill(int(entry.name), signal.SIGKILL)
 
 
-def _wait_until(ready: Any, *, what: str, process: subprocess.Popen[bytes], log: Path) -> None:
+def wait_until(
+    ready: Callable[[], bool], *, what: str, process: subprocess.Popen[bytes], log: Path
+) -> None:
+    """Poll ``ready()`` for 30 s; else stop ``process`` and raise with the tail of ``log``."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -171,7 +177,7 @@ def _wait_until(ready: Any, *, what: str, process: subprocess.Popen[bytes], log:
             return
         time.sleep(0.05)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-    _stop_group(process)
+    stop_group(process)
     raise RuntimeError(f"{what} did not come up: {tail}")
 
 
@@ -236,11 +242,11 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         except (urllib.error.URLError, OSError):
             return False
 
-    _wait_until(answers, what="docker-registry", process=process, log=log)
+    wait_until(answers, what="docker-registry", process=process, log=log)
     try:
         yield Registry(host=host, folder=folder)
     finally:
-        _stop_group(process)
+        stop_group(process)
 
 
 @pytest.fixture(scope="session")
@@ -288,7 +294,7 @@ def podman_service(
                 return False
         return True
 
-    _wait_until(answers, what="podman system service", process=process, log=log)
+    wait_until(answers, what="podman system service", process=process, log=log)
     service = PodmanService(url=url, env=env, folder=folder)
     try:
         yield service
@@ -298,8 +304,8 @@ def podman_service(
         with contextlib.suppress(subprocess.SubprocessError, OSError):
             service.cli("rm", "--all", "--force", "--time", "0", check=False)
             service.cli("network", "prune", "--force", check=False)
-        _stop_group(process)
-        _kill_leftovers(folder)
+        stop_group(process)
+        kill_leftovers(folder)
 
 
 @pytest.fixture
@@ -309,7 +315,8 @@ def podman_clean(podman_service: PodmanService) -> Iterator[PodmanService]:
     podman_service.cli("rm", "--all", "--force", "--time", "0", check=False)
 
 
-def _rootfs_tar(folder: Path, *, command_index: str) -> Path:
+def rootfs_tar(folder: Path, *, command_index: str) -> Path:
+    """A busybox root file system in ``folder``/rootfs.tar, ``command_index`` as /www/index.html."""
     busybox = shutil.which("busybox") or "/bin/busybox"
     if not Path(busybox).is_file():
         pytest.skip("busybox(-static) is not installed: test images are built from it")
@@ -327,7 +334,8 @@ def _rootfs_tar(folder: Path, *, command_index: str) -> Path:
     return tar
 
 
-def _manifest_digest(registry: Registry, repository: str, tag: str) -> str:
+def manifest_digest(registry: Registry, repository: str, tag: str) -> str:
+    """The ``sha256:`` digest ``registry`` gives for ``repository:tag``'s manifest."""
     request = urllib.request.Request(
         f"{registry.url}/v2/{repository}/manifests/{tag}",
         method="HEAD",
@@ -354,14 +362,14 @@ def test_images(
     pinned: dict[str, str] = {}
     for name, (command, index) in IMAGES.items():
         folder = tmp_path_factory.mktemp(f"image-{name}")
-        tar = _rootfs_tar(folder, command_index=index)
+        tar = rootfs_tar(folder, command_index=index)
         local = f"localhost/reconciler-test/{name}:v1"
         remote = f"{registry.host}/reconciler/{name}:v1"
         podman_service.cli(
             "import", "--change", "CMD " + json.dumps(["sh", "-c", command]), str(tar), local
         )
         podman_service.cli("push", "--tls-verify=false", local, remote)
-        digest = _manifest_digest(registry, f"reconciler/{name}", "v1")
+        digest = manifest_digest(registry, f"reconciler/{name}", "v1")
         pinned[name] = f"{registry.host}/reconciler/{name}@{digest}"
         # Gone from local storage, so the first apply has to pull it from the registry.
         podman_service.cli("rmi", "--force", local)
