@@ -5,16 +5,14 @@ Every test drives the real ``reconcile`` command against a served origin (``file
 and real bash hooks. Runtimes carry a one-try health check (``true``) so that the gate answers
 at once instead of waiting the edge's settle time; a broken runtime fails that gate.
 
-The helpers at the top are shared with ``test_receipts``, ``test_watch`` and ``test_crash``.
+The helpers shared with ``test_receipts``, ``test_watch`` and ``test_crash`` are in
+``tests/support/scenarios.py``.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import os
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,133 +21,26 @@ from typing import Any
 import pytest
 
 from tests.support.fileserver import FileServer
-from tests.support.origin_fixtures import NodeUnderTest, Outcome
+from tests.support.origin_fixtures import NodeUnderTest, stock_git
 from tests.support.podman_fixtures import PodmanService
+from tests.support.scenarios import (
+    HEALTHY,
+    UNHEALTHY,
+    containers,
+    converged,
+    head,
+    node_env,
+    once,
+    receipts,
+    running,
+    runtime,
+    served_model,
+    snapshot_body,
+    write_hook,
+)
 from tests.support.signing import Release, RepositorySimulator, base_snapshot
 
 pytestmark = pytest.mark.podman
-
-HEALTHY = {"command": ["true"], "retries": 1, "interval_s": 1, "timeout_s": 5}
-UNHEALTHY = {"command": ["false"], "retries": 1, "interval_s": 1, "timeout_s": 5}
-
-
-# ---- helpers ------------------------------------------------------------------------------
-
-
-def served_model(
-    server: FileServer, name: str, version: str, files: dict[str, bytes]
-) -> dict[str, Any]:
-    """A model entry whose files the ``server`` serves."""
-    entries = []
-    for path, data in files.items():
-        server.write(f"models/{name}/{version}/{path}", data)
-        entries.append(
-            {
-                "path": path,
-                "size": len(data),
-                "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
-                "urls": [f"models/{name}/{version}/{path}"],
-            }
-        )
-    return {"name": name, "version": version, "files": entries}
-
-
-def runtime(name: str, image: str, **more: Any) -> dict[str, Any]:
-    return {"name": name, "image": image, "health": HEALTHY, **more}
-
-
-def snapshot_body(
-    *,
-    models: list[dict[str, Any]] | None = None,
-    runtimes: list[dict[str, Any]] | None = None,
-    **fields: Any,
-) -> dict[str, Any]:
-    body = base_snapshot()
-    body["models"] = models or []
-    body["runtimes"] = runtimes or []
-    body.update(fields)
-    return body
-
-
-def node_env(podman: PodmanService, hooks: Path, **more: str) -> dict[str, str]:
-    """What a node under test needs to reach the private Podman service."""
-    hooks.mkdir(parents=True, exist_ok=True)
-    return {
-        "RECONCILER_PODMAN_URL": podman.url,
-        "RECONCILER_DISK_RESERVE_BYTES": "0",
-        "RECONCILER_HOOKS_DIR": str(hooks),
-        "RECONCILER_HOOK_TIMEOUT_S": "20",
-        **more,
-    }
-
-
-def write_hook(hooks: Path, name: str, body: str) -> Path:
-    """An executable bash hook ``name`` in ``hooks``."""
-    hooks.mkdir(parents=True, exist_ok=True)
-    path = hooks / name
-    path.write_text("#!/usr/bin/env bash\nset -u\n" + body + "\n", encoding="utf-8")
-    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return path
-
-
-def containers(podman: PodmanService) -> list[dict[str, Any]]:
-    """Every container of the service: name, id, state, labels."""
-    rows = json.loads(podman.cli("ps", "--all", "--format", "json").stdout or "[]")
-    return [
-        {
-            "name": row["Names"][0],
-            "id": row["Id"],
-            "state": row["State"],
-            "labels": row.get("Labels") or {},
-        }
-        for row in rows
-    ]
-
-
-def running(podman: PodmanService) -> dict[str, str]:
-    """Running container name → the config digest it was made for."""
-    return {
-        c["name"]: c["labels"].get("io.resultity.reconciler.config-digest", "")
-        for c in containers(podman)
-        if c["state"] == "running"
-    }
-
-
-def receipts(node: NodeUnderTest, commit: str) -> list[dict[str, Any]]:
-    """The decoded payloads of the receipt lines on ``commit`` (signatures not checked)."""
-    text = node.git("notes", "--ref=applied", "show", commit)
-    lines = [line for line in text.splitlines() if line.strip()]
-    return [json.loads(base64.b64decode(json.loads(line)["payload"])) for line in lines]
-
-
-def all_receipts(node: NodeUnderTest) -> list[dict[str, Any]]:
-    """Every receipt in the state repository, oldest attempt first."""
-    listing = node.git("notes", "--ref=applied", "list").split()
-    commits = listing[1::2]
-    found = [r for commit in commits for r in receipts(node, commit)]
-    return sorted(found, key=lambda r: (r["started_at"], r["finished_at"]))
-
-
-def head(node: NodeUnderTest) -> dict[str, str]:
-    """HEAD's commit and trailers, read with stock git."""
-    oid = node.git("rev-parse", "HEAD").strip()
-    message = node.git("log", "-1", "--format=%B", oid)
-    trailers = {}
-    for line in message.splitlines():
-        key, sep, value = line.partition(": ")
-        if sep and " " not in key:
-            trailers[key] = value
-    return {"commit": oid, **trailers}
-
-
-def once(node: NodeUnderTest, env: dict[str, str], *args: str) -> Outcome:
-    return node.run("once", *args, env=env)
-
-
-def converged(outcome: Outcome) -> Outcome:
-    assert outcome.exit_code == 0, f"exit {outcome.exit_code}: {outcome.stdout}{outcome.stderr}"
-    return outcome
-
 
 # ---- fixtures ----------------------------------------------------------------------------
 
@@ -655,24 +546,7 @@ def _forge_commit(node: NodeUnderTest, *, like: str, envelope: bytes) -> str:
 
 
 def _git_input(node: NodeUnderTest, args: list[str], text: str) -> str:
-    import subprocess
-
-    done = subprocess.run(
-        ["git", "-C", str(node.repo), *args],
-        input=text.encode(),
-        capture_output=True,
-        check=True,
-        env={
-            **os.environ,
-            "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_CONFIG_GLOBAL": os.devnull,
-            "GIT_AUTHOR_NAME": "operator",
-            "GIT_AUTHOR_EMAIL": "operator@example.invalid",
-            "GIT_COMMITTER_NAME": "operator",
-            "GIT_COMMITTER_EMAIL": "operator@example.invalid",
-        },
-    )
-    return done.stdout.decode().strip()
+    return stock_git(node.repo, *args, stdin=text.encode()).decode().strip()
 
 
 def test_a_commit_with_a_tampered_envelope_is_never_applied(

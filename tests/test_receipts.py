@@ -18,27 +18,23 @@ from nacl.signing import VerifyKey
 from tests.support.fileserver import FileServer
 from tests.support.origin_fixtures import NodeUnderTest, stock_git
 from tests.support.podman_fixtures import PodmanService
-from tests.support.signing import RepositorySimulator, pae
-from tests.test_apply import (
+from tests.support.scenarios import (
     converged,
     head,
     node_env,
     once,
+    receipt_lines,
     receipts,
     runtime,
     served_model,
     snapshot_body,
     write_hook,
 )
+from tests.support.signing import RepositorySimulator, pae
 
 pytestmark = pytest.mark.podman
 
 RECEIPT_TYPE = "application/vnd.resultity.receipt+json"
-
-
-def _note_lines(node: NodeUnderTest, commit: str) -> list[str]:
-    text = node.git("notes", "--ref=applied", "show", commit)
-    return [line for line in text.splitlines() if line.strip()]
 
 
 def _check_signature(node: NodeUnderTest, line: str) -> dict[str, Any]:
@@ -91,7 +87,7 @@ def test_each_apply_attempt_leaves_one_receipt_signed_by_the_node_key(
     podman_clean: PodmanService,
     test_images: dict[str, str],
 ) -> None:
-    lines = _note_lines(node, applied_twice)
+    lines = receipt_lines(node, applied_twice)
     vetoed, applied = (_check_signature(node, line) for line in lines)
 
     assert len(lines) == 2
@@ -127,7 +123,7 @@ def test_verify_passes_and_names_a_receipt_altered_with_stock_git(
     node: NodeUnderTest, applied_twice: str
 ) -> None:
     assert node.run("verify").ok().stdout.splitlines()[-1].endswith("all good")
-    lines = _note_lines(node, applied_twice)
+    lines = receipt_lines(node, applied_twice)
     envelope = json.loads(lines[1])
     body = json.loads(base64.b64decode(envelope["payload"]))
     body["result"] = "failed"  # rewrite history: claim the apply failed

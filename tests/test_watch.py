@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,8 +26,8 @@ from reconciler.agent import Timing, backoff, jittered
 from tests.support.fileserver import FileServer
 from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.podman_fixtures import PodmanService
-from tests.support.signing import RepositorySimulator
-from tests.test_apply import (
+from tests.support.scenarios import (
+    AGENT_COMMAND,
     converged,
     head,
     node_env,
@@ -39,9 +38,9 @@ from tests.test_apply import (
     snapshot_body,
     write_hook,
 )
+from tests.support.signing import RepositorySimulator
 
 FAST_TTL = {"poll_s": 1, "heartbeat_s": 30, "retry_min_s": 1, "retry_max_s": 4, "cache_s": 86400}
-AGENT_COMMAND = (sys.executable, "-c", "from reconciler.cli import main; main()")
 
 
 # ---- the timers ---------------------------------------------------------------------------

@@ -163,7 +163,7 @@ class NodeUnderTest:
         return stock_git(self.repo, *args).decode("utf-8")
 
 
-def stock_git(repo: Path, *args: str) -> bytes:
+def stock_git(repo: Path, *args: str, stdin: bytes | None = None) -> bytes:
     """Run the stock ``git`` binary in ``repo`` with no user or system configuration."""
     env = {
         **os.environ,
@@ -175,7 +175,12 @@ def stock_git(repo: Path, *args: str) -> bytes:
         "GIT_COMMITTER_EMAIL": "operator@example.invalid",
     }
     done = subprocess.run(
-        ["git", "-C", str(repo), *args], capture_output=True, env=env, timeout=30, check=False
+        ["git", "-C", str(repo), *args],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=30,
+        check=False,
     )
     if done.returncode != 0:
         raise AssertionError(f"git {' '.join(args)} failed: {done.stderr.decode()}")
