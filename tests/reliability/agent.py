@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["AgentCommand", "Finished", "process_figures"]
+__all__ = ["AgentCommand", "Finished", "agent_env", "hookless_agent", "process_figures"]
 
 _ENTRY = "from reconciler.cli import main; main()"
 
@@ -86,6 +86,24 @@ class AgentCommand:
         clone = AgentCommand(env={}, cwd=self.cwd, wrapper=wrapper)
         clone.env = dict(self.env)
         return clone
+
+
+def agent_env(node_env: Mapping[str, str], *, podman_url: str, hooks: Path) -> dict[str, str]:
+    """A node's settings, on the Podman service at ``podman_url``, no disk reserve, ``hooks``."""
+    return {
+        **node_env,
+        "RECONCILER_PODMAN_URL": podman_url,
+        "RECONCILER_DISK_RESERVE_BYTES": "0",
+        "RECONCILER_HOOKS_DIR": str(hooks),
+    }
+
+
+def hookless_agent(node_env: Mapping[str, str], *, podman_url: str, scratch: Path) -> AgentCommand:
+    """``reconcile`` for a node with no hooks, run in an empty ``scratch``/cwd (made here)."""
+    cwd = scratch / "cwd"
+    cwd.mkdir(exist_ok=True)
+    env = agent_env(node_env, podman_url=podman_url, hooks=scratch / "no-hooks")
+    return AgentCommand(env=env, cwd=cwd)
 
 
 def kill_group(process: subprocess.Popen[str], sig: int = signal.SIGKILL) -> None:

@@ -21,19 +21,18 @@ down afterwards; the figures are printed and written to ``--report`` as JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import random
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.reliability.agent import AgentCommand, Finished, kill_group
 from tests.reliability.generator import SnapshotGenerator
 from tests.reliability.invariants import Fingerprint, converged_problems, receipts
+from tests.reliability.standalone import run_test_alone
 from tests.support.signing import RepositorySimulator
 
 __all__ = ["CampaignReport", "run_campaign"]
@@ -166,34 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="replay a campaign")
     parser.add_argument("--report", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
-    import pytest
-
     report = args.report or Path(f"campaign-{int(time.time())}.json")
-    os.environ[KILLS_ENV] = str(args.kills)
-    os.environ[REPORT_ENV] = str(report.resolve())
+    env = {KILLS_ENV: str(args.kills), REPORT_ENV: str(report.resolve())}
     if args.seed is not None:
-        os.environ[SEED_ENV] = str(args.seed)
-    here = Path(__file__).resolve().parent
-    code = pytest.main(
-        [
-            str(here / "test_campaign.py"),
-            "-q",
-            "-s",
-            "-p",
-            "no:cacheprovider",
-            "-o",
-            "timeout=0",
-        ]
-    )
-    if report.exists():
-        print(json.dumps(json.loads(report.read_text()), indent=2))
-    return int(code)
-
-
-def write_report(report: CampaignReport, target: str | None) -> None:
-    """Write the figures where ``REPORT_ENV`` said (read at import: fixtures clear it)."""
-    if target:
-        Path(target).write_text(json.dumps(asdict(report), indent=2) + "\n")
+        env[SEED_ENV] = str(args.seed)
+    test_file = Path(__file__).resolve().parent / "test_campaign.py"
+    return run_test_alone(test_file, env=env, report=report)
 
 
 if __name__ == "__main__":

@@ -16,47 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 from tests.support.podman_fixtures import (
     PodmanService,
     Registry,
     free_port,
+    kill_leftovers,
     render_template,
+    stop_group,
+    wait_until,
 )
 
 __all__ = ["PrivatePodman", "PrivateRegistry", "free_port"]
-
-
-def _wait(ready: Callable[[], bool], *, what: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}")
-        if ready():
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not come up within 30 s")
-
-
-def _stop(process: subprocess.Popen[bytes] | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
 
 
 class PrivatePodman:
@@ -107,11 +83,17 @@ class PrivatePodman:
                     return False
             return True
 
-        _wait(answers, what="private podman service", process=self._process)
+        wait_until(
+            answers,
+            what="private podman service",
+            process=self._process,
+            log=self.folder / "service.log",
+        )
 
     def stop(self) -> None:
         """The service goes away; its containers keep running under conmon."""
-        _stop(self._process)
+        if self._process is not None:
+            stop_group(self._process)
         self._process = None
         self.socket.unlink(missing_ok=True)
 
@@ -122,13 +104,7 @@ class PrivatePodman:
             self.service.cli("rm", "--all", "--force", "--time", "0", check=False)
             self.service.cli("network", "prune", "--force", check=False)
         self.stop()
-        marker = (str(self.folder) + "/").encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            with contextlib.suppress(OSError):
-                if marker in (entry / "cmdline").read_bytes():
-                    os.kill(int(entry.name), signal.SIGKILL)
+        kill_leftovers(self.folder)
 
 
 class PrivateRegistry:
@@ -165,8 +141,14 @@ class PrivateRegistry:
             except (urllib.error.URLError, OSError):
                 return False
 
-        _wait(answers, what="private registry", process=self._process)
+        wait_until(
+            answers,
+            what="private registry",
+            process=self._process,
+            log=self.folder / "registry.log",
+        )
 
     def stop(self) -> None:
-        _stop(self._process)
+        if self._process is not None:
+            stop_group(self._process)
         self._process = None

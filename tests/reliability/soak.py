@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from tests.reliability.agent import AgentCommand, kill_group, process_figures
 from tests.reliability.generator import SnapshotGenerator
 from tests.reliability.invariants import converged_problems, open_node, receipts
 from tests.reliability.services import PrivatePodman
+from tests.reliability.standalone import run_test_alone
 from tests.support.fileserver import Fault, FileServer
 from tests.support.signing import RepositorySimulator
 
@@ -329,32 +330,18 @@ def _inject(rng: random.Random, *, server: FileServer, podman: PrivatePodman) ->
 # ---- on its own ---------------------------------------------------------------------------
 
 
-def write_report(report: SoakReport, target: str | None) -> None:
-    """Write the figures where ``REPORT_ENV`` said (read at import: fixtures clear it)."""
-    if target:
-        Path(target).write_text(json.dumps(asdict(report), indent=2) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.reliability.soak")
     parser.add_argument("--seconds", type=float, default=180, help="how long to soak")
     parser.add_argument("--seed", type=int, default=None, help="replay a soak")
     parser.add_argument("--report", type=Path, default=None, help="write the figures here")
     args = parser.parse_args(argv)
-    import pytest
-
     report = args.report or Path(f"soak-{int(time.time())}.json")
-    os.environ[SECONDS_ENV] = str(args.seconds)
-    os.environ[REPORT_ENV] = str(report.resolve())
+    env = {SECONDS_ENV: str(args.seconds), REPORT_ENV: str(report.resolve())}
     if args.seed is not None:
-        os.environ[SEED_ENV] = str(args.seed)
-    here = Path(__file__).resolve().parent
-    code = pytest.main(
-        [str(here / "test_soak.py"), "-q", "-s", "-p", "no:cacheprovider", "-o", "timeout=0"]
-    )
-    if report.exists():
-        print(json.dumps(json.loads(report.read_text()), indent=2))
-    return int(code)
+        env[SEED_ENV] = str(args.seed)
+    test_file = Path(__file__).resolve().parent / "test_soak.py"
+    return run_test_alone(test_file, env=env, report=report)
 
 
 if __name__ == "__main__":

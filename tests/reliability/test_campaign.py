@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.agent import AgentCommand
+from tests.reliability.agent import hookless_agent
 from tests.reliability.campaign import (
     KILLS_ENV,
     REPORT_ENV,
     SEED_ENV,
     run_campaign,
-    write_report,
 )
+from tests.reliability.standalone import write_report
 from tests.support.fileserver import FileServer
 from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.podman_fixtures import PodmanService
@@ -32,18 +32,6 @@ pytestmark = [pytest.mark.podman, pytest.mark.slow]
 KILLS = int(os.environ.get(KILLS_ENV, "20"))
 REPORT = os.environ.get(REPORT_ENV)
 SEED = int(os.environ.get(SEED_ENV) or random.SystemRandom().randrange(1 << 32))
-
-
-def agent_for(node: NodeUnderTest, podman: PodmanService, tmp_path: Path) -> AgentCommand:
-    cwd = tmp_path / "cwd"
-    cwd.mkdir(exist_ok=True)
-    env = {
-        **node.env,
-        "RECONCILER_PODMAN_URL": podman.url,
-        "RECONCILER_DISK_RESERVE_BYTES": "0",
-        "RECONCILER_HOOKS_DIR": str(tmp_path / "no-hooks"),
-    }
-    return AgentCommand(env=env, cwd=cwd)
 
 
 @pytest.mark.timeout(0 if KILLS > 20 else 600)
@@ -58,7 +46,7 @@ def test_every_kill_of_once_is_followed_by_a_converging_once(
     report = run_campaign(
         kills=KILLS,
         seed=SEED,
-        agent=agent_for(node, podman_clean, tmp_path),
+        agent=hookless_agent(node.env, podman_url=podman_clean.url, scratch=tmp_path),
         simulator=simulator,
         images=test_images,
         watched=(tmp_path,),

@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from reconciler.download import download_file, new_client
-from tests.reliability.agent import AgentCommand, Finished
+from tests.reliability.agent import AgentCommand, Finished, agent_env
 from tests.reliability.invariants import converged_problems
 from tests.reliability.services import PrivatePodman, PrivateRegistry
 from tests.support.fileserver import Fault, FileServer
@@ -83,12 +83,7 @@ class RunningNode:
 
     @property
     def env(self) -> dict[str, str]:
-        return {
-            **self.node.env,
-            "RECONCILER_PODMAN_URL": self.podman.url,
-            "RECONCILER_DISK_RESERVE_BYTES": "0",
-            "RECONCILER_HOOKS_DIR": str(self.hooks),
-        }
+        return agent_env(self.node.env, podman_url=self.podman.url, hooks=self.hooks)
 
     def agent(self, *wrapper: str) -> AgentCommand:
         cwd = self.node.home / "cwd"

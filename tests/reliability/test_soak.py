@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.agent import AgentCommand
+from tests.reliability.agent import hookless_agent
 from tests.reliability.services import PrivatePodman, PrivateRegistry
-from tests.reliability.soak import REPORT_ENV, SECONDS_ENV, SEED_ENV, run_soak, write_report
+from tests.reliability.soak import REPORT_ENV, SECONDS_ENV, SEED_ENV, run_soak
+from tests.reliability.standalone import write_report
 from tests.support.fileserver import FileServer
 from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.signing import RepositorySimulator
@@ -38,17 +39,7 @@ def test_watch_survives_a_busy_network_and_random_faults_and_ends_where_it_began
     tmp_path: Path,
 ) -> None:
     podman, _spare = private_podman
-    cwd = tmp_path / "cwd"
-    cwd.mkdir()
-    agent = AgentCommand(
-        env={
-            **node.env,
-            "RECONCILER_PODMAN_URL": podman.url,
-            "RECONCILER_DISK_RESERVE_BYTES": "0",
-            "RECONCILER_HOOKS_DIR": str(tmp_path / "no-hooks"),
-        },
-        cwd=cwd,
-    )
+    agent = hookless_agent(node.env, podman_url=podman.url, scratch=tmp_path)
 
     report = run_soak(
         seconds=SECONDS,
@@ -64,4 +55,4 @@ def test_watch_survives_a_busy_network_and_random_faults_and_ends_where_it_began
     assert report.problems == [], f"seed {SEED}: " + "\n".join(report.problems)
     assert report.published >= 3 and report.applies_converged >= 3
     assert report.temporary_files_end == 0
-    assert list(cwd.iterdir()) == []
+    assert list(agent.cwd.iterdir()) == []
