@@ -16,11 +16,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import socket
-import subprocess
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -30,13 +26,9 @@ from tests.support.podman_fixtures import (
     IMAGES,
     PodmanService,
     Registry,
-    free_port,
-    kill_leftovers,
-    manifest_digest,
-    render_template,
-    rootfs_tar,
-    stop_group,
-    wait_until,
+    push_image,
+    start_podman_service,
+    start_registry,
 )
 
 __all__ = ["ApiProbe", "PodmanLab", "start_lab"]
@@ -52,104 +44,22 @@ class PodmanLab:
         self.service.cli("rm", "--all", "--force", "--time", "0", check=False)
 
 
-def _start_registry(folder: Path, stack: contextlib.ExitStack) -> Registry:
-    folder.mkdir(parents=True)
-    host = f"127.0.0.1:{free_port()}"
-    config = render_template("registry.yml", folder / "config.yml", TMP=str(folder), REGISTRY=host)
-    log = folder / "registry.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            ["docker-registry", "serve", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    stack.callback(stop_group, process)
-
-    def answers() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{host}/v2/", timeout=1) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
-
-    wait_until(answers, what="docker-registry", process=process, log=log)
-    return Registry(host=host, folder=folder)
-
-
-def _start_service(folder: Path, registry: Registry, stack: contextlib.ExitStack) -> PodmanService:
-    folder.mkdir(parents=True)
-    for sub in ("libpod-tmp", "image-copy", "networks"):
-        (folder / sub).mkdir()
-    env = dict(os.environ)
-    env.update(
-        CONTAINERS_CONF=str(
-            render_template("containers.conf", folder / "containers.conf", TMP=str(folder))
-        ),
-        CONTAINERS_STORAGE_CONF=str(
-            render_template("storage.conf", folder / "storage.conf", TMP=str(folder))
-        ),
-        CONTAINERS_REGISTRIES_CONF=str(
-            render_template("registries.conf", folder / "registries.conf", REGISTRY=registry.host)
-        ),
-    )
-    env.pop("CONTAINER_HOST", None)
-    sock = folder / "podman.sock"
-    url = f"unix://{sock}"
-    log = folder / "service.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            ["podman", "system", "service", "--time=0", url],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    service = PodmanService(url=url, env=env, folder=folder)
-
-    def stop() -> None:
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            service.cli("rm", "--all", "--force", "--time", "0", check=False)
-            service.cli("network", "prune", "--force", check=False)
-        stop_group(process)
-        # conmon outlives the service; only processes naming this lab's folder are killed.
-        kill_leftovers(folder)
-
-    stack.callback(stop)
-
-    def answers() -> bool:
-        if not sock.exists():
-            return False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(sock))
-            except OSError:
-                return False
-        return True
-
-    wait_until(answers, what="podman system service", process=process, log=log)
-    return service
-
-
-def _push_image(
-    folder: Path, service: PodmanService, registry: Registry, *, name: str, index: str
-) -> str:
-    command = IMAGES["sleeper"][0]
-    tar = rootfs_tar(folder, command_index=index)
-    local = f"localhost/reconciler-bench/{name}:v1"
-    remote = f"{registry.host}/reconciler/{name}:v1"
-    service.cli("import", "--change", "CMD " + json.dumps(["sh", "-c", command]), str(tar), local)
-    service.cli("push", "--tls-verify=false", local, remote)
-    digest = manifest_digest(registry, f"reconciler/{name}", "v1")
-    service.cli("rmi", "--force", local)
-    return f"{registry.host}/reconciler/{name}@{digest}"
-
-
 def start_lab(folder: Path, stack: contextlib.ExitStack) -> PodmanLab:
-    registry = _start_registry(folder / "registry", stack)
-    service = _start_service(folder / "podman", registry, stack)
+    (folder / "registry").mkdir(parents=True)
+    registry = start_registry(folder / "registry", stack)
+    (folder / "podman").mkdir()
+    service = start_podman_service(folder / "podman", registry, stack)
+    command = IMAGES["sleeper"][0]
     images = {
-        name: _push_image(folder / f"image-{name}", service, registry, name=name, index=index)
+        name: push_image(
+            folder / f"image-{name}",
+            service,
+            registry,
+            name=name,
+            command=command,
+            index=index,
+            local_repo="reconciler-bench",
+        )
         for name, index in (("sleeper", "sleeper v1\n"), ("sleeper2", "sleeper v2\n"))
     }
     return PodmanLab(service=service, registry=registry, images=images)

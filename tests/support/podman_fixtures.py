@@ -17,6 +17,9 @@ Function fixture ``podman_clean``: the service, with every container removed aft
 
 Also ``snapshot_payload()`` / ``build_snapshot()``: schema-valid snapshot documents for tests.
 
+``start_registry()``, ``start_podman_service()`` and ``push_image()`` are what the session
+fixtures run, for set-ups outside pytest too (``bench/podman_lab.py``).
+
 Sandbox notes: crun cannot run containers here (runc is used), Podman runs no health timers
 (no systemd), and a port published through netavark may not answer on 127.0.0.1, so tests
 probe a container through its own IP.
@@ -218,12 +221,9 @@ class PodmanService:
         )
 
 
-@pytest.fixture(scope="session")
-def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    _require_podman()
-    if shutil.which("docker-registry") is None:
-        pytest.skip("docker-registry is not installed: image pulls need a loopback registry")
-    folder = tmp_path_factory.mktemp("registry")
+def start_registry(folder: Path, stack: contextlib.ExitStack) -> Registry:
+    """``docker-registry serve`` on a free loopback port, storage in ``folder``; ``stack``
+    stops it."""
     host = f"127.0.0.1:{free_port()}"
     config = render_template("registry.yml", folder / "config.yml", TMP=str(folder), REGISTRY=host)
     log = folder / "registry.log"
@@ -243,19 +243,15 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
             return False
 
     wait_until(answers, what="docker-registry", process=process, log=log)
-    try:
-        yield Registry(host=host, folder=folder)
-    finally:
-        stop_group(process)
+    stack.callback(stop_group, process)
+    return Registry(host=host, folder=folder)
 
 
-@pytest.fixture(scope="session")
-def podman_service(
-    tmp_path_factory: pytest.TempPathFactory, registry: Registry
-) -> Iterator[PodmanService]:
-    _require_podman()
-    # Short: a unix socket path must fit in 108 bytes.
-    folder = tmp_path_factory.mktemp("podman")
+def start_podman_service(
+    folder: Path, registry: Registry, stack: contextlib.ExitStack
+) -> PodmanService:
+    """``podman system service`` on ``folder``/podman.sock with its own configuration in
+    ``folder``, pulling from ``registry``; ``stack`` removes its containers and stops it."""
     for sub in ("libpod-tmp", "image-copy", "networks"):
         (folder / sub).mkdir()
     env = dict(os.environ)
@@ -296,9 +292,8 @@ def podman_service(
 
     wait_until(answers, what="podman system service", process=process, log=log)
     service = PodmanService(url=url, env=env, folder=folder)
-    try:
-        yield service
-    finally:
+
+    def stop() -> None:
         # Containers run under conmon, outside the service's process group: remove them
         # through the API first, then the networks they used, then stop the service.
         with contextlib.suppress(subprocess.SubprocessError, OSError):
@@ -306,6 +301,28 @@ def podman_service(
             service.cli("network", "prune", "--force", check=False)
         stop_group(process)
         kill_leftovers(folder)
+
+    stack.callback(stop)
+    return service
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    _require_podman()
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry is not installed: image pulls need a loopback registry")
+    with contextlib.ExitStack() as stack:
+        yield start_registry(tmp_path_factory.mktemp("registry"), stack)
+
+
+@pytest.fixture(scope="session")
+def podman_service(
+    tmp_path_factory: pytest.TempPathFactory, registry: Registry
+) -> Iterator[PodmanService]:
+    _require_podman()
+    with contextlib.ExitStack() as stack:
+        # Short: a unix socket path must fit in 108 bytes.
+        yield start_podman_service(tmp_path_factory.mktemp("podman"), registry, stack)
 
 
 @pytest.fixture
@@ -355,22 +372,42 @@ def manifest_digest(registry: Registry, repository: str, tag: str) -> str:
     return str(digest)
 
 
+def push_image(
+    folder: Path,
+    service: PodmanService,
+    registry: Registry,
+    *,
+    name: str,
+    command: str,
+    index: str,
+    local_repo: str,
+) -> str:
+    """Image ``name`` (runs ``command``, serves ``index``) made with ``podman import`` in
+    ``folder``, pushed to ``registry`` and deleted locally; its pinned reference."""
+    tar = rootfs_tar(folder, command_index=index)
+    local = f"localhost/{local_repo}/{name}:v1"
+    remote = f"{registry.host}/reconciler/{name}:v1"
+    service.cli("import", "--change", "CMD " + json.dumps(["sh", "-c", command]), str(tar), local)
+    service.cli("push", "--tls-verify=false", local, remote)
+    digest = manifest_digest(registry, f"reconciler/{name}", "v1")
+    # Gone from local storage, so the first apply has to pull it from the registry.
+    service.cli("rmi", "--force", local)
+    return f"{registry.host}/reconciler/{name}@{digest}"
+
+
 @pytest.fixture(scope="session")
 def test_images(
     tmp_path_factory: pytest.TempPathFactory, podman_service: PodmanService, registry: Registry
 ) -> dict[str, str]:
-    pinned: dict[str, str] = {}
-    for name, (command, index) in IMAGES.items():
-        folder = tmp_path_factory.mktemp(f"image-{name}")
-        tar = rootfs_tar(folder, command_index=index)
-        local = f"localhost/reconciler-test/{name}:v1"
-        remote = f"{registry.host}/reconciler/{name}:v1"
-        podman_service.cli(
-            "import", "--change", "CMD " + json.dumps(["sh", "-c", command]), str(tar), local
+    return {
+        name: push_image(
+            tmp_path_factory.mktemp(f"image-{name}"),
+            podman_service,
+            registry,
+            name=name,
+            command=command,
+            index=index,
+            local_repo="reconciler-test",
         )
-        podman_service.cli("push", "--tls-verify=false", local, remote)
-        digest = manifest_digest(registry, f"reconciler/{name}", "v1")
-        pinned[name] = f"{registry.host}/reconciler/{name}@{digest}"
-        # Gone from local storage, so the first apply has to pull it from the registry.
-        podman_service.cli("rmi", "--force", local)
-    return pinned
+        for name, (command, index) in IMAGES.items()
+    }
