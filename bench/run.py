@@ -42,6 +42,7 @@ BENCHMARKS = (
     "download",
     "dedupe",
     "resume",
+    "many_files",
     "noop",
     "watch_memory",
     "downtime",
