@@ -372,6 +372,37 @@ def test_index_records_each_verified_blob(
     assert not list(paths.models.glob(f".{INDEX_NAME}.*"))  # no temp files left behind
 
 
+def test_many_blobs_cost_a_few_index_saves_and_are_all_on_disk_when_fetch_returns(
+    file_server: FileServer,
+    client: httpx.Client,
+    store: ModelStore,
+    paths: NodePaths,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    files = {f"part-{i:03d}": f"part {i}\n".encode() for i in range(60)}
+    model = publish(file_server, "many", "v1", files)
+    saves: list[int] = []
+    original = ModelStore._save
+
+    def counted(self: ModelStore, index: object) -> None:
+        saves.append(len(getattr(index, "blobs", {})))
+        original(self, index)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ModelStore, "_save", counted)
+    fetched = store.fetch([model], client=client, base_url=file_server.url)
+
+    assert len(fetched) == 60
+    # Not one save per blob (which made large installs quadratic): one per second at most,
+    # and the last one holds every blob.
+    assert 1 <= len(saves) <= 5, saves
+    assert saves[-1] == 60
+    index = json.loads((paths.models / INDEX_NAME).read_text())
+    assert len(index["blobs"]) == 60
+    fresh = ModelStore(paths)  # the next process trusts them all without reading a byte
+    assert fresh.missing_blobs([model]) == []
+    assert fresh.files_hashed == 0
+
+
 # ----------------------------------------------------------------- repair
 
 
