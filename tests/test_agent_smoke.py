@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.support.fileserver import FileServer
 from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.podman_fixtures import PodmanService
+from tests.support.scenarios import served_model
 from tests.support.signing import RepositorySimulator, base_snapshot
 
 pytestmark = pytest.mark.podman
-
-
-def _model(server: FileServer, name: str, version: str, files: dict[str, bytes]) -> dict[str, Any]:
-    entries = []
-    for path, data in files.items():
-        server.write(f"models/{name}/{version}/{path}", data)
-        entries.append(
-            {
-                "path": path,
-                "size": len(data),
-                "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
-                "urls": [f"models/{name}/{version}/{path}"],
-            }
-        )
-    return {"name": name, "version": version, "files": entries}
 
 
 def test_once_brings_up_runtime_and_model(
@@ -41,7 +25,9 @@ def test_once_brings_up_runtime_and_model(
     tmp_path: Path,
 ) -> None:
     body = base_snapshot()
-    body["models"] = [_model(file_server, "tiny", "v1", {"a.bin": b"a" * 1000, "b/c.txt": b"c"})]
+    body["models"] = [
+        served_model(file_server, "tiny", "v1", {"a.bin": b"a" * 1000, "b/c.txt": b"c"})
+    ]
     body["runtimes"] = [{"name": "web", "image": test_images["web"], "models": ["tiny:v1"]}]
     simulator.publish(body=body)
     env = {

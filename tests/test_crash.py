@@ -24,8 +24,8 @@ from reconciler.apply import CRASH_POINTS
 from tests.support.fileserver import FileServer
 from tests.support.origin_fixtures import NodeUnderTest, stock_git
 from tests.support.podman_fixtures import PodmanService
-from tests.support.signing import Release, RepositorySimulator
-from tests.test_apply import (
+from tests.support.scenarios import (
+    AGENT_COMMAND,
     containers,
     converged,
     head,
@@ -38,7 +38,7 @@ from tests.test_apply import (
     snapshot_body,
     write_hook,
 )
-from tests.test_watch import AGENT_COMMAND
+from tests.support.signing import Release, RepositorySimulator
 
 pytestmark = pytest.mark.podman
 
