@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -301,7 +302,8 @@ def _tweaks(value: Any) -> st.SearchStrategy[Any]:
     if isinstance(value, int):
         return st.sampled_from([value + 1, value - 1, -value, float(value), value * 2**40])
     if isinstance(value, float):
-        return st.sampled_from([-value, value * 1e6, int(value)])
+        whole = [int(value)] if math.isfinite(value) else []
+        return st.sampled_from([-value, value * 1e6, *whole])
     if isinstance(value, str):
         return st.sampled_from(
             [value + "\n", value.upper(), value[:-1], value + "/..", ":" + value, value * 40]
