@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -570,10 +571,11 @@ def _agent_update(node: Node, desired: Desired, *, env: dict[str, str]) -> HookR
     """Run ``agent-update`` once per approved agent release that differs from this agent.
 
     The release is HEAD's ``updates.agent``; the hook gets ``RECONCILE_AGENT_VERSION``,
-    ``RECONCILE_AGENT_RUNNING`` and ``RECONCILE_AGENT_DIGEST``. Installing is the hook's job
-    (the sample checks the digest and restarts the service). A run is remembered in the node
-    record whatever its exit code, so a failing hook is not re-run every pass; a hook that is
-    not installed is not a run, so one added later still runs.
+    ``RECONCILE_AGENT_RUNNING``, ``RECONCILE_AGENT_DIGEST`` and ``RECONCILE_AGENT_PYTHON``.
+    Installing is the hook's job (the sample checks the digest and restarts the service). A
+    run is remembered in the node record whatever its exit code, so a failing hook is not
+    re-run every pass; a hook that is not installed is not a run, so one added later still
+    runs.
     """
     agent = desired.snapshot.updates.get("agent") or {}
     version, digest = agent.get("version"), agent.get("digest")
@@ -590,6 +592,9 @@ def _agent_update(node: Node, desired: Desired, *, env: dict[str, str]) -> HookR
             "RECONCILE_AGENT_VERSION": version,
             "RECONCILE_AGENT_RUNNING": __version__,
             "RECONCILE_AGENT_DIGEST": digest or "",
+            # The interpreter this agent runs on, so that the hook installs into the agent's
+            # own environment (a venv under systemd), not whatever python3 is on PATH.
+            "RECONCILE_AGENT_PYTHON": sys.executable,
         },
         timeout_s=node.settings.hook_timeout_s,
     )

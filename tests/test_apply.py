@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -717,7 +718,7 @@ def test_an_approved_agent_version_is_shown_and_the_agent_update_hook_runs_once(
         hooks,
         "agent-update",
         f'echo "$RECONCILE_AGENT_VERSION $RECONCILE_AGENT_RUNNING $RECONCILE_AGENT_DIGEST"'
-        f" >> {calls}; echo installing",
+        f' "$RECONCILE_AGENT_PYTHON" >> {calls}; echo installing',
     )
     digest = "sha256:" + "ab" * 32
     body = base_snapshot()
@@ -729,7 +730,17 @@ def test_an_approved_agent_version_is_shown_and_the_agent_update_hook_runs_once(
 
     from reconciler import __version__
 
-    assert calls.read_text().splitlines() == [f"9.9.9 {__version__} {digest}"]
+    [call] = calls.read_text().splitlines()
+    version, running, approved_digest, python = call.split(" ")
+    assert (version, running, approved_digest) == ("9.9.9", __version__, digest)
+    # The agent's own interpreter (the one that has reconciler installed), for pip.
+    probe = subprocess.run(
+        [python, "-c", "import reconciler; print(reconciler.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.strip() == __version__
     status = node.status()
     assert status["agent"]["running"] == __version__
     assert status["agent"]["approved"] == "9.9.9"
