@@ -127,6 +127,9 @@ SEEDS: list[tuple[SchemaName, dict[str, Any]]] = [
 ]
 
 
+_SEEDS_AS_WRITTEN = [repr(document) for _, document in SEEDS]
+
+
 def jsonschema_errors(name: SchemaName, document: object) -> list[str]:
     """What jsonschema itself says, with no fast path in front of it."""
     return [error.message for error in schema._validator(name).iter_errors(document)]
@@ -232,6 +235,9 @@ TRICKY: list[Any] = [
 ]
 
 
+_TRICKY_AS_WRITTEN = repr(TRICKY)  # a mutation that edited a shared value would change this
+
+
 def _places(document: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Every path to a value inside ``document`` (the document itself is ``()``)."""
     found = [path]
@@ -308,7 +314,7 @@ def _tweaks(value: Any) -> st.SearchStrategy[Any]:
         return st.sampled_from(
             [value + "\n", value.upper(), value[:-1], value + "/..", ":" + value, value * 40]
         )
-    return st.sampled_from(TRICKY)
+    return st.sampled_from(TRICKY).map(copy.deepcopy)  # not the shared objects themselves
 
 
 @settings(
@@ -322,6 +328,7 @@ def test_the_fast_path_never_accepts_what_jsonschema_refuses(
 ) -> None:
     name, document = SEEDS[seed]
     mutated = _mutate(document, data)
+    assert repr(TRICKY) == _TRICKY_AS_WRITTEN and repr(SEEDS[seed][1]) == _SEEDS_AS_WRITTEN[seed]
     if certainly_valid(name, mutated):
         assert jsonschema_errors(name, mutated) == [], json.dumps(mutated, default=str)[:500]
 
