@@ -15,8 +15,6 @@ them, stops the service and kills what is left of this service's own processes.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -27,7 +25,9 @@ from tests.support.podman_fixtures import (
     Registry,
     free_port,
     kill_leftovers,
+    private_podman_env,
     render_template,
+    socket_answers,
     stop_group,
     wait_until,
 )
@@ -38,24 +38,7 @@ __all__ = ["PrivatePodman", "PrivateRegistry", "free_port"]
 class PrivatePodman:
     def __init__(self, folder: Path, *, registries: list[str]) -> None:
         self.folder = folder
-        for sub in ("libpod-tmp", "image-copy", "networks"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
-        conf = folder / "registries.conf"
-        lines = ["unqualified-search-registries = []"]
-        for host in registries:
-            lines += ["", "[[registry]]", f'location = "{host}"', "insecure = true"]
-        conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        env = dict(os.environ)
-        env.pop("CONTAINER_HOST", None)
-        env.update(
-            CONTAINERS_CONF=str(
-                render_template("containers.conf", folder / "containers.conf", TMP=str(folder))
-            ),
-            CONTAINERS_STORAGE_CONF=str(
-                render_template("storage.conf", folder / "storage.conf", TMP=str(folder))
-            ),
-            CONTAINERS_REGISTRIES_CONF=str(conf),
-        )
+        env = private_podman_env(folder, registries)
         self.socket = folder / "podman.sock"
         self.service = PodmanService(url=f"unix://{self.socket}", env=env, folder=folder)
         self._process: subprocess.Popen[bytes] | None = None
@@ -75,16 +58,8 @@ class PrivatePodman:
         )
         log.close()
 
-        def answers() -> bool:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(str(self.socket))
-                except OSError:
-                    return False
-            return True
-
         wait_until(
-            answers,
+            lambda: socket_answers(self.socket),
             what="private podman service",
             process=self._process,
             log=self.folder / "service.log",

@@ -22,22 +22,25 @@ registry's Go bcrypt accepts) while Python still has it.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support.podman_fixtures import PodmanService, Registry, free_port, render_template
+from tests.support.podman_fixtures import (
+    PodmanService,
+    Registry,
+    free_port,
+    start_podman_service,
+    stop_group,
+    wait_until,
+)
 
 __all__ = [
     "AuthRegistry",
@@ -89,50 +92,6 @@ def htpasswd_line(user: str, password: str) -> str | None:
     return f"{user}:{hashed}" if hashed and hashed.startswith("$2") else None
 
 
-# --- processes: the same care as podman_fixtures, in a few lines of our own ------------------
-
-
-def _start(
-    command: list[str], log: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=10)
-
-
-def _wait(
-    ready: Callable[[], bool], what: str, process: subprocess.Popen[bytes], log: Path
-) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and process.poll() is None:
-        if ready():
-            return
-        time.sleep(0.05)
-    _stop(process)
-    raise RuntimeError(f"{what} did not come up: {log.read_text(errors='replace')[-2000:]}")
-
-
-def _kill_conmons(folder: Path) -> None:
-    """conmon outlives its service; only processes naming ``folder`` are ours."""
-    marker = (str(folder) + "/").encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            with contextlib.suppress(OSError):
-                if marker in (entry / "cmdline").read_bytes():
-                    os.kill(int(entry.name), signal.SIGKILL)
-
-
 # --- fixtures -------------------------------------------------------------------------------
 
 
@@ -158,7 +117,13 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthRegi
         encoding="utf-8",
     )
     log = folder / "registry.log"
-    process = _start(["docker-registry", "serve", str(config)], log)
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            ["docker-registry", "serve", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def answers() -> bool:  # 401 without credentials: up, and asking for them
         try:
@@ -169,11 +134,11 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthRegi
             return False
         raise RuntimeError(f"the registry at {host} answered /v2/ without credentials")
 
-    _wait(answers, "docker-registry (htpasswd)", process, log)
+    wait_until(answers, what="docker-registry (htpasswd)", process=process, log=log)
     try:
         yield AuthRegistry(host=host, folder=folder, username=USERNAME, password=PASSWORD)
     finally:
-        _stop(process)
+        stop_group(process)
 
 
 @pytest.fixture(scope="session")
@@ -181,53 +146,17 @@ def auth_podman(
     tmp_path_factory: pytest.TempPathFactory, registry: Registry, auth_registry: AuthRegistry
 ) -> Iterator[PodmanService]:
     folder = tmp_path_factory.mktemp("podman-auth")
-    for sub in ("libpod-tmp", "image-copy", "networks"):
-        (folder / sub).mkdir()
-    registries = folder / "registries.conf"
-    registries.write_text(
-        "unqualified-search-registries = []\n"
-        + "".join(
-            f'[[registry]]\nlocation = "{host}"\ninsecure = true\n'
-            for host in (registry.host, auth_registry.host)
-        ),
-        encoding="utf-8",
-    )
-    env = dict(os.environ)
-    env.pop("CONTAINER_HOST", None)
-    env.update(
-        CONTAINERS_CONF=str(
-            render_template("containers.conf", folder / "containers.conf", TMP=str(folder))
-        ),
-        CONTAINERS_STORAGE_CONF=str(
-            render_template("storage.conf", folder / "storage.conf", TMP=str(folder))
-        ),
-        CONTAINERS_REGISTRIES_CONF=str(registries),
-        # Not the machine's login: only what a pull is given may open the auth registry.
-        REGISTRY_AUTH_FILE=str(folder / "service-auth.json"),
-    )
-    Path(env["REGISTRY_AUTH_FILE"]).write_text('{"auths": {}}\n', encoding="utf-8")
-    sock = folder / "podman.sock"
-    log = folder / "service.log"
-    process = _start(["podman", "system", "service", "--time=0", f"unix://{sock}"], log, env)
-
-    def answers() -> bool:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(sock))
-            except OSError:
-                return False
-        return True
-
-    _wait(answers, "podman system service (auth tests)", process, log)
-    service = PodmanService(url=f"unix://{sock}", env=env, folder=folder)
-    try:
-        yield service
-    finally:
-        with contextlib.suppress(subprocess.SubprocessError, OSError):
-            service.cli("rm", "--all", "--force", "--time", "0", check=False)
-            service.cli("network", "prune", "--force", check=False)
-        _stop(process)
-        _kill_conmons(folder)
+    # Not the machine's login: only what a pull is given may open the auth registry.
+    service_auth = folder / "service-auth.json"
+    service_auth.write_text('{"auths": {}}\n', encoding="utf-8")
+    with contextlib.ExitStack() as stack:
+        yield start_podman_service(
+            folder,
+            registry,
+            stack,
+            also_trust=[auth_registry.host],
+            env={"REGISTRY_AUTH_FILE": str(service_auth)},
+        )
 
 
 @pytest.fixture

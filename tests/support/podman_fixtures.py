@@ -5,10 +5,11 @@ Session fixtures (all skip, with the reason, when the podman binary is not insta
 * ``registry``: ``docker-registry serve`` on 127.0.0.1:<free port>, storage in a temp folder;
   yields a ``Registry`` (``.host`` = ``127.0.0.1:PORT``, ``.url``).
 * ``podman_service``: ``podman system service --time=0 unix://<tmp>/podman.sock`` with its own
-  containers.conf, storage.conf and registries.conf (``tests/support/podman_env/``, rendered
-  into the temp folder), so the machine's own containers, images, networks and locks are never
-  touched; yields a ``PodmanService`` (``.url``, ``.env``, ``.cli(...)``). At the end every
-  container and network it made is removed and the service's process group is killed.
+  containers.conf and storage.conf (``tests/support/podman_env/``, rendered into the temp
+  folder) and a registries.conf that trusts only the loopback registry, so the machine's own
+  containers, images, networks and locks are never touched; yields a ``PodmanService``
+  (``.url``, ``.env``, ``.cli(...)``). At the end every container and network it made is
+  removed and the service's process group is killed.
 * ``test_images``: small images built from busybox-static with ``podman import``, pushed to
   the registry and then deleted locally (so applying really pulls); yields
   ``{name: "127.0.0.1:PORT/reconciler/<name>@sha256:<hex>"}`` for the names in ``IMAGES``.
@@ -38,7 +39,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,14 +248,21 @@ def start_registry(folder: Path, stack: contextlib.ExitStack) -> Registry:
     return Registry(host=host, folder=folder)
 
 
-def start_podman_service(
-    folder: Path, registry: Registry, stack: contextlib.ExitStack
-) -> PodmanService:
-    """``podman system service`` on ``folder``/podman.sock with its own configuration in
-    ``folder``, pulling from ``registry``; ``stack`` removes its containers and stops it."""
+def private_podman_env(folder: Path, registry_hosts: Sequence[str], **more: str) -> dict[str, str]:
+    """The environment of a Podman confined to ``folder``: containers.conf and storage.conf
+    rendered from ``podman_env/`` into it, a registries.conf that trusts each of
+    ``registry_hosts`` over plain HTTP, the machine's ``CONTAINER_HOST`` dropped, ``more``
+    added."""
     for sub in ("libpod-tmp", "image-copy", "networks"):
-        (folder / sub).mkdir()
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    registries = folder / "registries.conf"
+    lines = ["unqualified-search-registries = []"]
+    for host in registry_hosts:
+        lines += ["", "[[registry]]", f'location = "{host}"', "insecure = true"]
+    registries.write_text("\n".join(lines) + "\n", encoding="utf-8")
     env = dict(os.environ)
+    # A CONTAINER_HOST inherited from the developer's shell would send CLI calls elsewhere.
+    env.pop("CONTAINER_HOST", None)
     env.update(
         CONTAINERS_CONF=str(
             render_template("containers.conf", folder / "containers.conf", TMP=str(folder))
@@ -262,36 +270,47 @@ def start_podman_service(
         CONTAINERS_STORAGE_CONF=str(
             render_template("storage.conf", folder / "storage.conf", TMP=str(folder))
         ),
-        CONTAINERS_REGISTRIES_CONF=str(
-            render_template("registries.conf", folder / "registries.conf", REGISTRY=registry.host)
-        ),
+        CONTAINERS_REGISTRIES_CONF=str(registries),
+        **more,
     )
-    # A CONTAINER_HOST inherited from the developer's shell would send CLI calls elsewhere.
-    env.pop("CONTAINER_HOST", None)
+    return env
+
+
+def socket_answers(path: Path) -> bool:
+    """Whether something accepts connections on the unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def start_podman_service(
+    folder: Path,
+    registry: Registry,
+    stack: contextlib.ExitStack,
+    *,
+    also_trust: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> PodmanService:
+    """``podman system service`` on ``folder``/podman.sock with its own configuration in
+    ``folder``, pulling from ``registry`` (and the registries ``also_trust`` names), with
+    ``env`` added to its environment; ``stack`` removes its containers and stops it."""
+    service_env = private_podman_env(folder, [registry.host, *also_trust], **(env or {}))
     sock = folder / "podman.sock"
     url = f"unix://{sock}"
     log = folder / "service.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
             ["podman", "system", "service", "--time=0", url],
-            env=env,
+            env=service_env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-
-    def answers() -> bool:
-        if not sock.exists():
-            return False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(sock))
-            except OSError:
-                return False
-        return True
-
-    wait_until(answers, what="podman system service", process=process, log=log)
-    service = PodmanService(url=url, env=env, folder=folder)
+    wait_until(lambda: socket_answers(sock), what="podman system service", process=process, log=log)
+    service = PodmanService(url=url, env=service_env, folder=folder)
 
     def stop() -> None:
         # Containers run under conmon, outside the service's process group: remove them
