@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,10 +34,8 @@ import pytest
 from tests.support.podman_fixtures import (
     PodmanService,
     Registry,
-    free_port,
     start_podman_service,
-    stop_group,
-    wait_until,
+    start_registry,
 )
 
 __all__ = [
@@ -105,40 +101,11 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthRegi
     if line is None:
         pytest.skip("no bcrypt, htpasswd (apache2-utils) or crypt: cannot write an htpasswd file")
     folder = tmp_path_factory.mktemp("auth-registry")
-    (folder / "htpasswd").write_text(line + "\n", encoding="utf-8")
-    host = f"127.0.0.1:{free_port()}"
-    config = folder / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
-        f'storage:\n  filesystem:\n    rootdirectory: "{folder}/registry"\n'
-        f'http:\n  addr: "{host}"\n'
-        f'auth:\n  htpasswd:\n    realm: reconciler-tests\n    path: "{folder}/htpasswd"\n',
-        encoding="utf-8",
-    )
-    log = folder / "registry.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            ["docker-registry", "serve", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def answers() -> bool:  # 401 without credentials: up, and asking for them
-        try:
-            urllib.request.urlopen(f"http://{host}/v2/", timeout=1).close()
-        except urllib.error.HTTPError as exc:
-            return exc.code == 401
-        except OSError:
-            return False
-        raise RuntimeError(f"the registry at {host} answered /v2/ without credentials")
-
-    wait_until(answers, what="docker-registry (htpasswd)", process=process, log=log)
-    try:
-        yield AuthRegistry(host=host, folder=folder, username=USERNAME, password=PASSWORD)
-    finally:
-        stop_group(process)
+    htpasswd = folder / "htpasswd"
+    htpasswd.write_text(line + "\n", encoding="utf-8")
+    with contextlib.ExitStack() as stack:
+        served = start_registry(folder, stack, htpasswd=htpasswd)
+        yield AuthRegistry(host=served.host, folder=folder, username=USERNAME, password=PASSWORD)
 
 
 @pytest.fixture(scope="session")

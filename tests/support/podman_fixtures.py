@@ -222,11 +222,17 @@ class PodmanService:
         )
 
 
-def start_registry(folder: Path, stack: contextlib.ExitStack) -> Registry:
+def start_registry(
+    folder: Path, stack: contextlib.ExitStack, *, htpasswd: Path | None = None
+) -> Registry:
     """``docker-registry serve`` on a free loopback port, storage in ``folder``; ``stack``
-    stops it."""
+    stops it. With ``htpasswd`` (a bcrypt htpasswd file) it asks every client for a password,
+    and counts as up once it answers 401 to a request without one."""
     host = f"127.0.0.1:{free_port()}"
     config = render_template("registry.yml", folder / "config.yml", TMP=str(folder), REGISTRY=host)
+    if htpasswd is not None:
+        with config.open("a", encoding="utf-8") as out:
+            out.write(f'auth:\n  htpasswd:\n    realm: reconciler-tests\n    path: "{htpasswd}"\n')
     log = folder / "registry.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -239,7 +245,11 @@ def start_registry(folder: Path, stack: contextlib.ExitStack) -> Registry:
     def answers() -> bool:
         try:
             with urllib.request.urlopen(f"http://{host}/v2/", timeout=1) as response:
+                if htpasswd is not None:
+                    raise RuntimeError(f"the registry at {host} answered without a password")
                 return bool(response.status == 200)
+        except urllib.error.HTTPError as exc:
+            return htpasswd is not None and exc.code == 401
         except (urllib.error.URLError, OSError):
             return False
 
