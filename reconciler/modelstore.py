@@ -504,7 +504,7 @@ class ModelStore:
                 "files": {f.path: f.digest for f in model.files},
                 "installed_at": format_time(time.time()),
             }
-            index.save()
+            self._save(index)
         return True
 
     def remove(self, model_id: str) -> bool:
@@ -525,7 +525,7 @@ class ModelStore:
         with self._lock:
             index = self._loaded()
             if index.models.pop(model_id, None) is not None or existed:
-                index.save()
+                self._save(index)
         return existed
 
     def gc(self, keep: set[str]) -> GcReport:
@@ -564,7 +564,7 @@ class ModelStore:
             installed = {m.model_id for m in self.installed_models()}
             index.models = {k: v for k, v in index.models.items() if k in installed}
             if self.root.is_dir():
-                index.save()
+                self._save(index)
         if removed:
             _log.info("removed %d unused model blob(s), %s", removed, format_bytes(freed))
         return GcReport(removed_blobs=removed, freed_bytes=freed)
@@ -591,7 +591,7 @@ class ModelStore:
             for installed in self.installed_models():
                 bad.extend(self._verify_tree(installed, good_inodes, bad_inodes, repair=repair))
             if self.root.is_dir():
-                index.save()
+                self._save(index)
         return bad
 
     # ----------------------------------------------------------- internals
@@ -624,7 +624,7 @@ class ModelStore:
             with contextlib.suppress(FileNotFoundError):
                 blob.unlink()
             index.blobs.pop(hex_, None)
-            index.save()
+            self._save(index)
             return False
 
     def _changed(self, index: _Index) -> None:
