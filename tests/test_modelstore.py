@@ -8,6 +8,7 @@ read back from disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -631,6 +632,24 @@ def test_disk_filling_up_during_download_is_a_clear_error_with_nothing_half_writ
     (small_disk / "hog").unlink()
     store.ensure([model], client=client, base_url=file_server.url)
     assert store.is_installed(model)
+
+
+def test_disk_full_while_saving_the_index_is_one_line_and_keeps_the_old_index(
+    file_server: FileServer, client: httpx.Client, small_disk: Path
+) -> None:
+    paths = NodePaths(small_disk / "state")
+    model = publish(file_server, "m", "v1", {"a.bin": b"weights"})
+    ModelStore(paths).ensure([model], client=client, base_url=file_server.url)
+    before = (paths.models / INDEX_NAME).read_bytes()
+    with (small_disk / "hog").open("wb", buffering=0) as hog, contextlib.suppress(OSError):
+        while True:
+            hog.write(b"\0" * 4096)
+
+    with pytest.raises(DiskSpaceError) as caught:
+        ModelStore(paths).remove("m:v1")  # forgets the model: the index is rewritten
+
+    assert caught.value.one_line() == f"disk full while writing {paths.models / INDEX_NAME}"
+    assert (paths.models / INDEX_NAME).read_bytes() == before
 
 
 def test_check_space_changes_nothing(store: ModelStore, paths: NodePaths) -> None:
