@@ -25,6 +25,7 @@ from reconciler.containers import (
 from reconciler.errors import RegistryError, SettingsError
 from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.podman_fixtures import PodmanService
+from tests.support.scenarios import HEALTHY, node_env, running
 from tests.support.signing import RepositorySimulator, base_snapshot
 
 if TYPE_CHECKING:
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 pytest_plugins = ["tests.support.auth_registry"]  # auth_registry, auth_podman, auth_images
 
 IMAGE = "127.0.0.1:5000/team/web@sha256:" + "a" * 64
-HEALTHY = {"command": ["true"], "retries": 1, "interval_s": 1, "timeout_s": 5}
 
 
 def b64(text: str) -> str:
@@ -266,14 +266,6 @@ def test_no_matching_entry_pulls_without_credentials(
 # ---- the node: a failed pull leaves it where it was ------------------------------------------
 
 
-def _running(podman: PodmanService) -> dict[str, str]:
-    rows = json.loads(podman.cli("ps", "--format", "json").stdout or "[]")
-    return {
-        row["Names"][0]: (row.get("Labels") or {}).get("io.resultity.reconciler.config-digest", "")
-        for row in rows
-    }
-
-
 def _publish(simulator: RepositorySimulator, image: str) -> str:
     body = base_snapshot()
     body["models"] = []
@@ -291,19 +283,12 @@ def test_a_node_with_a_wrong_password_stays_on_what_it_runs_until_the_file_is_fi
     auth_images: dict[str, str],
     test_images: dict[str, str],
 ) -> None:
-    hooks = tmp_path / "hooks"
-    hooks.mkdir()
     auth = tmp_path / "auth.json"
-    env = {
-        "RECONCILER_PODMAN_URL": auth_podman_clean.url,
-        "RECONCILER_DISK_RESERVE_BYTES": "0",
-        "RECONCILER_HOOKS_DIR": str(hooks),
-        "RECONCILER_REGISTRY_AUTH_FILE": str(auth),
-    }
+    env = node_env(auth_podman_clean, tmp_path / "hooks", RECONCILER_REGISTRY_AUTH_FILE=str(auth))
     auth_file_for(tmp_path, auth_registry, key="127.0.0.1:1")  # matches nothing here
     first = _publish(simulator, test_images["web"])
     node.run("once", env=env).ok()
-    assert _running(auth_podman_clean) == {"reconciler-web": first}
+    assert running(auth_podman_clean) == {"reconciler-web": first}
 
     second = _publish(simulator, auth_images["web2"])
     wrong = "not-the-password"
@@ -313,7 +298,7 @@ def test_a_node_with_a_wrong_password_stays_on_what_it_runs_until_the_file_is_fi
     line = failed.stdout.strip()
     assert "\n" not in line and "Traceback" not in failed.stdout + failed.stderr
     assert f"credentials for {auth_registry.host}" in line
-    assert _running(auth_podman_clean) == {"reconciler-web": first}
+    assert running(auth_podman_clean) == {"reconciler-web": first}
     status = node.status()
     assert status["quarantined"] == [] and status["converged"] is False
     assert auth_registry.host in status["last_error"]["message"]
@@ -325,9 +310,9 @@ def test_a_node_with_a_wrong_password_stays_on_what_it_runs_until_the_file_is_fi
     assert broken.exit_code == 1, broken.stdout + broken.stderr
     assert f"registry_auth_file {auth} is not JSON" in broken.stdout.strip()
     assert "Traceback" not in broken.stdout + broken.stderr
-    assert _running(auth_podman_clean) == {"reconciler-web": first}
+    assert running(auth_podman_clean) == {"reconciler-web": first}
 
     auth_file_for(tmp_path, auth_registry)
     node.run("once", env=env).ok()
-    assert _running(auth_podman_clean) == {"reconciler-web": second}
+    assert running(auth_podman_clean) == {"reconciler-web": second}
     assert node.status()["last_error"] is None
