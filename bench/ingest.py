@@ -18,8 +18,8 @@ import pygit2
 
 from bench.harness import Baseline, Context, Result, Target, load_average, median
 from bench.network import BenchNode, SignedOrigin, snapshot_body
-from reconciler.history import StoredSnapshot
-from reconciler.intake import fetch
+from reconciler.history.repo import StoredSnapshot
+from reconciler.intake.fetch import fetch
 from tests.support.signing import Release
 
 NAME = "ingest"

@@ -20,12 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from reconciler.documents import ModelFile, ModelSpec
-from reconciler.download import new_client
-from reconciler.errors import ReconcilerError
-from reconciler.modelstore import ModelStore
-from reconciler.paths import NodePaths
-from reconciler.settings import Settings
+from reconciler.config.settings import Settings
+from reconciler.core.documents import ModelFile, ModelSpec
+from reconciler.core.errors import ReconcilerError
+from reconciler.core.paths import NodePaths
+from reconciler.models.download import new_client
+from reconciler.models.store import ModelStore
 
 
 def start(state_dir: Path, origin_url: str, models_file: Path) -> subprocess.Popen[str]:

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import MIB, RECONCILE
-from reconciler.node import Node
-from reconciler.provision import initialise
-from reconciler.settings import Settings, load_settings
+from reconciler.agent.provision import initialise
+from reconciler.config.settings import Settings, load_settings
+from reconciler.history.node import Node
 from tests.support.fileserver import FileServer
 from tests.support.signing import Release, RepositorySimulator, base_snapshot
 

@@ -34,13 +34,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from bench.harness import Baseline, Context, Result, Target, load_average, median
-from reconciler.apply import Desired, compute_plan
-from reconciler.desired import container_specs
-from reconciler.documents import Snapshot, format_time
-from reconciler.modelstore import INDEX_NAME, ModelStore
-from reconciler.participation import participation, runtime_files
-from reconciler.paths import NodePaths
-from reconciler.plan import ObservedContainer, plan
+from reconciler.apply.transaction import Desired, compute_plan
+from reconciler.core.containerplan import ObservedContainer, plan
+from reconciler.core.documents import Snapshot, format_time
+from reconciler.core.participation import participation, runtime_files
+from reconciler.core.paths import NodePaths
+from reconciler.core.specs import container_specs
+from reconciler.models.store import INDEX_NAME, ModelStore
 from tests.support.signing import base_snapshot
 
 NAME = "plan"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from reconciler.desired import LABEL_RUNTIME
+from reconciler.core.specs import LABEL_RUNTIME
 from tests.support.podman_fixtures import (
     IMAGES,
     PodmanService,

@@ -16,7 +16,7 @@ from bench.harness import Context, Result, Target, load_average, median
 from bench.network import BenchNode, SignedOrigin, snapshot_body
 from bench.nginx_origin import start_nginx
 from bench.wire import CountingRelay
-from reconciler.intake import fetch
+from reconciler.intake.fetch import fetch
 
 NAME = "poll_cost"
 POLLS = 5

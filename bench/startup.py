@@ -21,7 +21,7 @@ from bench.harness import (
     timed,
 )
 from bench.network import BenchNode, SignedOrigin, snapshot_body
-from reconciler.intake import fetch
+from reconciler.intake.fetch import fetch
 
 NAME = "startup"
 

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reconciler import agent
+from reconciler.agent import loop as agent
 from reconciler.cli import _setup_logging
-from reconciler.settings import load_settings
+from reconciler.config.settings import load_settings
 
 
 def _rss_mib() -> float:

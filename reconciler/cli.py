@@ -36,7 +36,7 @@ def _mapped(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from reconciler.errors import ReconcilerError
+        from reconciler.core.errors import ReconcilerError
 
         try:
             return func(*args, **kwargs)
@@ -53,12 +53,12 @@ class _Context:
         self.overrides = overrides
 
     def settings(self, **more: Any) -> Any:
-        from reconciler.settings import load_settings
+        from reconciler.config.settings import load_settings
 
         return load_settings(config=self.config, overrides={**self.overrides, **more})
 
     def node(self) -> Any:
-        from reconciler.node import Node
+        from reconciler.history.node import Node
 
         return Node(self.settings())
 
@@ -113,7 +113,7 @@ def cli(
 @_mapped
 def init(ctx: _Context, origin: str, root_file: str, network: str | None) -> None:
     """Write the settings, create the state repository and the node key."""
-    from reconciler.provision import initialise
+    from reconciler.agent.provision import initialise
 
     settings_path, summary = initialise(
         config=ctx.config,
@@ -134,8 +134,8 @@ def init(ctx: _Context, origin: str, root_file: str, network: str | None) -> Non
 @_mapped
 def fetch(ctx: _Context) -> None:
     """Poll the origin once; store a new verified snapshot; apply nothing."""
-    from reconciler.intake import fetch as do_fetch
-    from reconciler.lock import state_lock
+    from reconciler.disk.lock import state_lock
+    from reconciler.intake.fetch import fetch as do_fetch
 
     node = ctx.node()
     with state_lock(node.paths.lock, wait_s=30):
@@ -149,7 +149,7 @@ def fetch(ctx: _Context) -> None:
 @_mapped
 def status(ctx: _Context, as_json: bool) -> None:
     """HEAD, applied, converged, hold, waiting, quarantined, stale, last error, models."""
-    from reconciler.report import format_status, status_report
+    from reconciler.report.status import format_status, status_report
 
     report = status_report(ctx.node())
     click.echo(json.dumps(report, sort_keys=True) if as_json else format_status(report))
@@ -162,7 +162,7 @@ def status(ctx: _Context, as_json: bool) -> None:
 @_mapped
 def log(ctx: _Context, limit: int | None, receipts: bool) -> None:
     """The audit trail in brief (git log in the state folder has it all)."""
-    from reconciler.report import format_log
+    from reconciler.report.status import format_log
 
     click.echo(format_log(ctx.node(), limit=limit, receipts=receipts))
 
@@ -172,7 +172,7 @@ def log(ctx: _Context, limit: int | None, receipts: bool) -> None:
 @_mapped
 def verify(ctx: _Context) -> None:
     """Re-check every commit's signatures and digests, every receipt, every model file."""
-    from reconciler.audit import verify_node
+    from reconciler.report.verify import verify_node
 
     report = verify_node(ctx.node())
     for finding in report.findings:
@@ -214,8 +214,8 @@ def _setup_logging(log_format: str) -> None:
 @_mapped
 def plan(ctx: _Context, as_json: bool, exit_code: bool) -> None:
     """Show what converging to HEAD would do (contacts no origin, mirror or registry)."""
-    from reconciler.apply import compute_plan, load_desired, open_edge
-    from reconciler.modelstore import ModelStore
+    from reconciler.apply.transaction import compute_plan, load_desired, open_edge
+    from reconciler.models.store import ModelStore
 
     node = ctx.node()
     head = node.history.head_oid()
@@ -244,11 +244,11 @@ def plan(ctx: _Context, as_json: bool, exit_code: bool) -> None:
 @_mapped
 def once(ctx: _Context, offline: bool, wait_s: float) -> None:
     """Fetch (unless --offline), then converge, with hooks."""
-    from reconciler.agent import run_once
+    from reconciler.agent.loop import run_once
 
     settings = ctx.settings()
     _setup_logging(settings.log_format)
-    from reconciler.node import Node
+    from reconciler.history.node import Node
 
     result = run_once(Node(settings), offline=offline, wait_s=wait_s)
     if result.converge is not None:
@@ -266,7 +266,7 @@ def once(ctx: _Context, offline: bool, wait_s: float) -> None:
 @_mapped
 def watch(ctx: _Context, wait_s: float) -> None:
     """Fetch and converge forever; SIGHUP polls now, SIGTERM finishes the step and exits."""
-    from reconciler.agent import watch as run_watch
+    from reconciler.agent.loop import watch as run_watch
 
     settings = ctx.settings()
     _setup_logging(settings.log_format)
@@ -288,8 +288,8 @@ def watch(ctx: _Context, wait_s: float) -> None:
 @_mapped
 def rollback(ctx: _Context, rev: str | None, offline: bool, wait_s: float) -> None:
     """Make an earlier snapshot HEAD again (digest, prefix, serial or git rev), hold, converge."""
-    from reconciler.control import rollback as do_rollback
-    from reconciler.lock import state_lock
+    from reconciler.agent.control import rollback as do_rollback
+    from reconciler.disk.lock import state_lock
 
     node = ctx.node()
     _setup_logging(node.settings.log_format)
@@ -314,8 +314,8 @@ def rollback(ctx: _Context, rev: str | None, offline: bool, wait_s: float) -> No
 @_mapped
 def resume(ctx: _Context, offline: bool, wait_s: float) -> None:
     """Lift the hold and any quarantine; move HEAD to the newest waiting snapshot."""
-    from reconciler.control import resume as do_resume
-    from reconciler.lock import state_lock
+    from reconciler.agent.control import resume as do_resume
+    from reconciler.disk.lock import state_lock
 
     node = ctx.node()
     _setup_logging(node.settings.log_format)
@@ -333,8 +333,8 @@ def resume(ctx: _Context, offline: bool, wait_s: float) -> None:
 @_mapped
 def keygen(name: str) -> None:
     """Make an Ed25519 key pair NAME.key (0600) and NAME.pub; print its key id."""
-    from reconciler.envelope import keyid_of
-    from reconciler.keys import generate_key
+    from reconciler.core.envelope import keyid_of
+    from reconciler.disk.keys import generate_key
 
     base = Path(name)
     key = generate_key(base.with_suffix(".key"), base.with_suffix(".pub"))
@@ -342,7 +342,7 @@ def keygen(name: str) -> None:
 
 
 def _signers(paths: tuple[str, ...]) -> list[Any]:
-    from reconciler.keys import read_private_key
+    from reconciler.disk.keys import read_private_key
 
     return [read_private_key(Path(p)) for p in paths]
 
@@ -370,9 +370,9 @@ def root(
     out: str,
 ) -> None:
     """Make root N from a key list and threshold (sign with old and new keys to rotate)."""
-    from reconciler.atomic import write_atomic
-    from reconciler.keys import read_public_key
-    from reconciler.publish import make_root, parse_duration
+    from reconciler.disk.atomic import write_atomic
+    from reconciler.disk.keys import read_public_key
+    from reconciler.network.publish import make_root, parse_duration
 
     envelope = make_root(
         version=version,
@@ -393,9 +393,9 @@ def root(
 @_mapped
 def sign(key: str, out: str | None, envelope: str) -> None:
     """Add one signature to an envelope (k-of-n signing without a shared key file)."""
-    from reconciler.atomic import write_atomic
-    from reconciler.envelope import EnvelopeError, add_signature
-    from reconciler.errors import SettingsError
+    from reconciler.core.envelope import EnvelopeError, add_signature
+    from reconciler.core.errors import SettingsError
+    from reconciler.disk.atomic import write_atomic
 
     try:
         signed = add_signature(Path(envelope).read_bytes(), _signers((key,))[0])
@@ -422,10 +422,10 @@ def publish(
     snapshot: str | None,
 ) -> None:
     """Sign SNAPSHOT (JSON) into ORIGIN as snapshots/<hex>.json and head.json."""
-    from reconciler.documents import JsonError, loads_strict
-    from reconciler.errors import SettingsError
-    from reconciler.publish import parse_duration, publish_snapshot
-    from reconciler.publish import refresh_head as do_refresh
+    from reconciler.core.documents import JsonError, loads_strict
+    from reconciler.core.errors import SettingsError
+    from reconciler.network.publish import parse_duration, publish_snapshot
+    from reconciler.network.publish import refresh_head as do_refresh
 
     lifetime = parse_duration(expires_in)
     signers = _signers(keys)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.desired import LABEL_CONFIG_DIGEST, LABEL_MANAGED, LABEL_SPEC
+from reconciler.core.specs import LABEL_CONFIG_DIGEST, LABEL_MANAGED, LABEL_SPEC
 from tests.support.fileserver import FileServer
 from tests.support.origin_fixtures import NodeUnderTest, Outcome
 from tests.support.podman_fixtures import PodmanService

@@ -20,23 +20,23 @@ from typing import Any
 
 import pytest
 
-from reconciler.containers import ActionOutcome, PodmanEdge
-from reconciler.desired import (
-    LABEL_CONFIG_DIGEST,
-    LABEL_MANAGED,
-    LABEL_RUNTIME,
-    LABEL_SPEC,
-    container_specs,
-)
-from reconciler.errors import (
+from reconciler.core.containerplan import Plan, plan
+from reconciler.core.errors import (
     ContainerError,
     PodmanUnavailableError,
     ReconcilerError,
     RegistryError,
     SnapshotFaultError,
 )
-from reconciler.paths import NodePaths
-from reconciler.plan import Plan, plan
+from reconciler.core.paths import NodePaths
+from reconciler.core.specs import (
+    LABEL_CONFIG_DIGEST,
+    LABEL_MANAGED,
+    LABEL_RUNTIME,
+    LABEL_SPEC,
+    container_specs,
+)
+from reconciler.runtime.podman import ActionOutcome, PodmanEdge
 from tests.support.podman_fixtures import PodmanService, build_snapshot
 
 pytestmark = pytest.mark.podman

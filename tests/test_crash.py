@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.apply import CRASH_POINTS
+from reconciler.apply.transaction import CRASH_POINTS
 from tests.support.fileserver import FileServer
 from tests.support.origin_fixtures import NodeUnderTest, stock_git
 from tests.support.podman_fixtures import PodmanService

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.settings import DEFAULT_CONFIG_PATH, DEFAULT_PODMAN_URL, Settings
+from reconciler.config.settings import DEFAULT_CONFIG_PATH, DEFAULT_PODMAN_URL, Settings
 from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.podman_fixtures import PodmanService
 from tests.support.signing import RepositorySimulator, base_snapshot

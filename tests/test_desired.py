@@ -9,7 +9,10 @@ from typing import Any
 
 import pytest
 
-from reconciler.desired import (
+from reconciler.core.documents import PortMapping, RuntimeSpec
+from reconciler.core.errors import SettingsError, SnapshotFaultError
+from reconciler.core.paths import NodePaths
+from reconciler.core.specs import (
     LABEL_CONFIG_DIGEST,
     LABEL_MANAGED,
     LABEL_RUNTIME,
@@ -21,9 +24,6 @@ from reconciler.desired import (
     UnsafeSpecError,
     container_specs,
 )
-from reconciler.documents import PortMapping, RuntimeSpec
-from reconciler.errors import SettingsError, SnapshotFaultError
-from reconciler.paths import NodePaths
 from tests.support.podman_fixtures import build_snapshot
 
 IMAGE = "registry.example/rt/llm@sha256:" + "a" * 64

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.download import download_file, new_client, resolve_url
-from reconciler.errors import DownloadError, HashMismatchError
+from reconciler.core.errors import DownloadError, HashMismatchError
+from reconciler.models.download import download_file, new_client, resolve_url
 from tests.support.fileserver import Fault, FileServer
 
 SIZE = 3 * 1024 * 1024 + 17  # several network reads and write batches, not a round number

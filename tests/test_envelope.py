@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.envelope import (
+from reconciler.core.envelope import (
     HEAD_TYPE,
     SNAPSHOT_TYPE,
     EnvelopeError,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.errors import HistoryError
-from reconciler.history import History, StoredSnapshot
+from reconciler.core.errors import HistoryError
+from reconciler.history.repo import History, StoredSnapshot
 from tests.support.origin_fixtures import NodeUnderTest, repository_refs, stock_git
 from tests.support.signing import Release, RepositorySimulator, base_snapshot
 

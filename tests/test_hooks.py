@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.hooks import OUTPUT_CAP, run_hook
+from reconciler.runtime.hooks import OUTPUT_CAP, run_hook
 
 
 def _hook(folder: Path, body: str, *, name: str = "pre-apply", executable: bool = True) -> Path:

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from reconciler.errors import OriginUnreachableError
-from reconciler.origin import Origin
+from reconciler.core.errors import OriginUnreachableError
+from reconciler.intake.origin import Origin
 from tests.support.fileserver import Fault, FileServer
 from tests.support.origin_fixtures import NodeUnderTest, Outcome
 from tests.support.signing import (

@@ -16,7 +16,7 @@ from securesystemslib.dsse import Envelope as SslibEnvelope
 from securesystemslib.exceptions import VerificationError
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
-from reconciler.envelope import (
+from reconciler.core.envelope import (
     HEAD_TYPE,
     SNAPSHOT_TYPE,
     add_signature,
@@ -25,8 +25,8 @@ from reconciler.envelope import (
     seal,
     valid_keyids,
 )
-from reconciler.publish import publish_snapshot
-from reconciler.trust import verify_head, verify_initial_root
+from reconciler.core.trust import verify_head, verify_initial_root
+from reconciler.network.publish import publish_snapshot
 from tests.support.signing import (
     RepositorySimulator,
     base_snapshot,

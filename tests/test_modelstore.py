@@ -25,10 +25,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.documents import ModelFile, ModelSpec
-from reconciler.download import new_client
-from reconciler.errors import DiskSpaceError, DownloadError, HashMismatchError
-from reconciler.modelstore import (
+from reconciler.core.documents import ModelFile, ModelSpec
+from reconciler.core.errors import DiskSpaceError, DownloadError, HashMismatchError
+from reconciler.core.paths import NodePaths
+from reconciler.models.download import new_client
+from reconciler.models.progress import ProgressReporter
+from reconciler.models.store import (
     INDEX_NAME,
     BlobsMissingError,
     ModelLayoutError,
@@ -36,8 +38,6 @@ from reconciler.modelstore import (
     ModelStatus,
     ModelStore,
 )
-from reconciler.paths import NodePaths
-from reconciler.progress import ProgressReporter
 from tests.support.fileserver import FileServer
 
 MiB = 1024 * 1024

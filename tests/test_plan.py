@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from reconciler.desired import (
+from reconciler.core.containerplan import Action, ObservedContainer, Plan, plan
+from reconciler.core.paths import NodePaths
+from reconciler.core.specs import (
     LABEL_CONFIG_DIGEST,
     LABEL_MANAGED,
     LABEL_RUNTIME,
@@ -16,8 +18,6 @@ from reconciler.desired import (
     ContainerSpec,
     container_specs,
 )
-from reconciler.paths import NodePaths
-from reconciler.plan import Action, ObservedContainer, Plan, plan
 from tests.support.podman_fixtures import build_snapshot
 
 IMAGE_A = "registry.example/rt/a@sha256:" + "a" * 64

@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler.documents import JsonError, loads_strict
-from reconciler.envelope import EnvelopeError, b64decode, parse_envelope
-from reconciler.errors import RejectedError
-from reconciler.trust import (
+from reconciler.core.documents import JsonError, loads_strict
+from reconciler.core.envelope import EnvelopeError, b64decode, parse_envelope
+from reconciler.core.errors import RejectedError
+from reconciler.core.trust import (
     verify_head,
     verify_initial_root,
     verify_next_root,

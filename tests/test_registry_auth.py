@@ -15,14 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from reconciler.containers import (
+from reconciler.core.errors import RegistryError, SettingsError
+from reconciler.runtime.podman import (
     PodmanEdge,
     RegistryCredentials,
     auth_scopes,
     match_auth_key,
     registry_credentials,
 )
-from reconciler.errors import RegistryError, SettingsError
 from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.podman_fixtures import PodmanService
 from tests.support.scenarios import HEALTHY, node_env, running

@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reconciler import schema
-from reconciler.schema import SchemaName, certainly_valid
+from reconciler.core import schema
+from reconciler.core.schema import SchemaName, certainly_valid
 from tests.support.signing import RepositorySimulator, base_snapshot
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -146,7 +146,7 @@ def test_the_documents_a_node_reads_take_the_fast_path(name: SchemaName, documen
 def test_a_valid_snapshot_is_accepted_without_importing_jsonschema() -> None:
     script = (
         "import json, sys\n"
-        "from reconciler.schema import validate\n"
+        "from reconciler.core.schema import validate\n"
         "for name, document in json.loads(sys.stdin.read()):\n"
         "    validate(name, document)\n"
         "print(sorted(m for m in ('jsonschema', 'referencing') if m in sys.modules))\n"

@@ -11,8 +11,8 @@ from typing import Any
 import jsonschema
 import pytest
 
-from reconciler.documents import JsonError, loads_strict
-from reconciler.schema import SchemaError, schema_dir, validate
+from reconciler.core.documents import JsonError, loads_strict
+from reconciler.core.schema import SchemaError, schema_dir, validate
 from tests.support.signing import RepositorySimulator, base_snapshot
 
 HEX = "ab" * 32

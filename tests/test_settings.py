@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.errors import SettingsError
-from reconciler.settings import (
+from reconciler.config.settings import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_PODMAN_URL,
     Settings,
@@ -16,6 +15,7 @@ from reconciler.settings import (
     load_settings,
     write_settings_file,
 )
+from reconciler.core.errors import SettingsError
 from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.signing import RepositorySimulator
 

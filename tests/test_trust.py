@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from reconciler.documents import Head, Root
-from reconciler.errors import RejectedError
-from reconciler.trust import (
+from reconciler.core.documents import Head, Root
+from reconciler.core.errors import RejectedError
+from reconciler.core.trust import (
     DEFAULT_LIMITS,
     TrustLimits,
     check_root_fresh,

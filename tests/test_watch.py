@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.agent import Timing, backoff, jittered
+from reconciler.agent.loop import Timing, backoff, jittered
 from tests.support.fileserver import FileServer
 from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.podman_fixtures import PodmanService

@@ -27,10 +27,10 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports(include=["reconciler"]):
-    from reconciler.documents import Head, JsonError, loads_strict
-    from reconciler.envelope import EnvelopeError, parse_envelope
-    from reconciler.errors import RejectedError
-    from reconciler.trust import verify_head, verify_initial_root, verify_snapshot
+    from reconciler.core.documents import Head, JsonError, loads_strict
+    from reconciler.core.envelope import EnvelopeError, parse_envelope
+    from reconciler.core.errors import RejectedError
+    from reconciler.core.trust import verify_head, verify_initial_root, verify_snapshot
 
 from tests.support.signing import (
     HEAD_TYPE,

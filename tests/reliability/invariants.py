@@ -30,12 +30,12 @@ from typing import Any
 
 from click.testing import CliRunner
 
-from reconciler.apply import load_desired
+from reconciler.apply.transaction import load_desired
 from reconciler.cli import cli
-from reconciler.containers import PodmanEdge
-from reconciler.envelope import parse_envelope
-from reconciler.node import Node
-from reconciler.settings import load_settings
+from reconciler.config.settings import load_settings
+from reconciler.core.envelope import parse_envelope
+from reconciler.history.node import Node
+from reconciler.runtime.podman import PodmanEdge
 
 __all__ = ["Fingerprint", "converged_problems", "receipts", "sha256_file", "temporary_files"]
 

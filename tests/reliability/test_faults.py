@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.download import download_file, new_client
+from reconciler.models.download import download_file, new_client
 from tests.reliability.agent import AgentCommand, Finished, agent_env
 from tests.reliability.invariants import converged_problems
 from tests.reliability.services import PrivatePodman, PrivateRegistry

@@ -29,7 +29,11 @@ from hypothesis import HealthCheck as Health
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.desired import (
+from reconciler.core.containerplan import STARTABLE_STATES, Action, ObservedContainer, Plan, plan
+from reconciler.core.documents import HealthCheck, ModelFile, ModelSpec, PortMapping, RuntimeSpec
+from reconciler.core.paths import NodePaths
+from reconciler.core.schema import SchemaError, validate
+from reconciler.core.specs import (
     LABEL_MANAGED,
     LABEL_RUNTIME,
     LABEL_SPEC,
@@ -39,11 +43,7 @@ from reconciler.desired import (
     container_name,
     container_specs,
 )
-from reconciler.documents import HealthCheck, ModelFile, ModelSpec, PortMapping, RuntimeSpec
-from reconciler.modelstore import ModelLayoutError, ModelStore
-from reconciler.paths import NodePaths
-from reconciler.plan import STARTABLE_STATES, Action, ObservedContainer, Plan, plan
-from reconciler.schema import SchemaError, validate
+from reconciler.models.store import ModelLayoutError, ModelStore
 from tests.support.podman_fixtures import build_snapshot
 
 DIGEST = "sha256:" + "c" * 64
@@ -468,8 +468,8 @@ def test_any_settings_file_gives_settings_or_one_line_naming_the_problem(
 ) -> None:
     import tempfile
 
-    from reconciler.errors import SettingsError
-    from reconciler.settings import Settings, load_settings
+    from reconciler.config.settings import Settings, load_settings
+    from reconciler.core.errors import SettingsError
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "config.toml"

@@ -46,8 +46,8 @@ from typing import Any
 
 import pytest
 
-from reconciler.documents import Snapshot
-from reconciler.schema import validate
+from reconciler.core.documents import Snapshot
+from reconciler.core.schema import validate
 
 ENV_TEMPLATES = Path(__file__).resolve().parent / "podman_env"
 ZERO_DIGEST = "sha256:" + "0" * 64

@@ -1,0 +1,1 @@
+"""The agent: one pass (``once``), the loop (``watch``), operator control, ``init``."""

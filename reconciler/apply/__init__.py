@@ -1,0 +1,1 @@
+"""The apply transaction: converge the node to HEAD in a fixed order, with its failure policy."""

@@ -1,0 +1,1 @@
+"""Node settings: defaults < settings file < ``RECONCILER_*`` < command-line flags."""

@@ -1,0 +1,92 @@
+"""The node's local state opened as one object: settings, paths, history, roots, record.
+
+Edge module (files, git). Commands build a ``Node`` once and pass it down; nothing below the
+CLI reads settings or the environment on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from reconciler.config.settings import Settings
+from reconciler.core.documents import Ttl, format_time
+from reconciler.core.errors import ReconcilerError, SettingsError
+from reconciler.core.paths import NodePaths
+from reconciler.core.record import LastError, NodeState
+from reconciler.history.recordfile import load_node_state, save_node_state
+from reconciler.history.repo import History
+
+if TYPE_CHECKING:
+    from reconciler.history.roots import RootChain
+
+__all__ = ["Node"]
+
+
+class Node:
+    def __init__(self, settings: Settings) -> None:
+        if settings.network is None:
+            raise SettingsError("no network configured (run `reconcile init`)")
+        self.settings = settings
+        self.network: str = settings.network
+        self.paths = NodePaths(Path(settings.state_dir))
+        self._history: History | None = None
+        self._roots: RootChain | None = None
+        self.state: NodeState = load_node_state(self.paths.node_state)
+
+    @property
+    def history(self) -> History:
+        if self._history is None:
+            self._history = History.open(self.paths.repo)
+        return self._history
+
+    @property
+    def roots(self) -> RootChain:
+        # Imported on first use: the trust code (and PyNaCl) is ~12 ms that `status` never needs.
+        if self._roots is None:
+            from reconciler.history.roots import RootChain
+
+            self._roots = RootChain(self.paths.state_dir / "roots", network=self.network)
+        return self._roots
+
+    def save(self, state: NodeState) -> None:
+        save_node_state(self.paths.node_state, state)
+        self.state = state
+
+    def reload(self) -> None:
+        """Re-read the record (another command may have changed it between two cycles)."""
+        self.state = load_node_state(self.paths.node_state)
+
+    def bump_state(self, counter: str) -> NodeState:
+        """The current record with ``counter`` raised by one (not yet saved)."""
+        return self.state.bump(counter)
+
+    def record_error(self, kind: str, error: ReconcilerError) -> None:
+        entry = LastError(at=format_time(time.time()), kind=kind, message=error.one_line())
+        state = self.state.with_error(entry)
+        if kind == "rejected":
+            # Counted for reconciler_fetch_rejections_total (docs/status.md).
+            state = replace(state, last_rejection=entry).bump("rejections")
+        self.save(state)
+
+    def head_ttl(self) -> Ttl | None:
+        """The ``ttl`` of HEAD's snapshot (timers of the watch loop), if there is a HEAD."""
+        oid = self.history.head_oid()
+        if oid is None:
+            return None
+        try:
+            payload, _ = self.history.blobs(oid)
+            return Ttl(**json.loads(payload)["ttl"])
+        except (ReconcilerError, ValueError, KeyError, TypeError):
+            return None
+
+    def floor(self) -> tuple[int, str | None]:
+        """The anti-rollback floor: the higher of the record and the git ref's serial."""
+        serial, digest = self.state.last_serial, self.state.last_digest
+        accepted = self.history.accepted_floor()
+        if accepted is not None and accepted.serial > serial:
+            serial, digest = accepted.serial, accepted.digest
+        return serial, digest

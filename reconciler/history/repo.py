@@ -1,0 +1,427 @@
+"""The state repository (contract §4): every accepted snapshot is a git commit.
+
+Edge module (pygit2): pygit2's exceptions stay inside and become ``HistoryError`` (libgit2
+reports a full disk or a read-only folder as ``OSError``: those too). It stores
+and reads commits, moves ``main``, appends receipt notes; it decides nothing about trust.
+
+Layout:
+* a non-bare repository whose work tree is kept checked out at ``main`` (so that an operator's
+  ``git checkout`` or ``git reset`` behaves as in any repository);
+* each commit's tree holds ``snapshot.json`` (the verified payload bytes) and ``envelope.json``
+  (the envelope bytes as served), its message carries the trailers of contract §4;
+* ``refs/snapshots/<hex>`` names the first commit of each accepted digest;
+* ``refs/reconciler/accepted`` names the commit of the highest serial ever accepted: the
+  anti-rollback floor lives outside ``main`` so a reset HEAD cannot lower it;
+* ``refs/notes/applied`` holds one line per apply attempt (signed receipts).
+
+Every write happens with the agent lock held (``reconciler.lock``), so a git lock file or a
+scratch object found before a write was left by a writer that was killed: it is removed.
+
+``main`` moves only through ``advance`` (a compare-and-swap on the expected tip, under the
+node's lock file), and libgit2 fsyncs the git directory.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pygit2
+
+from reconciler.core.errors import HistoryError
+
+__all__ = ["CommitInfo", "History", "StoredSnapshot"]
+
+pygit2.settings.enable_fsync_gitdir(True)
+
+MAIN = "refs/heads/main"
+ACCEPTED = "refs/reconciler/accepted"
+NOTES = "refs/notes/applied"
+SNAPSHOT_FILE = "snapshot.json"
+ENVELOPE_FILE = "envelope.json"
+_IDENTITY = ("reconciler", "reconciler@localhost")
+# The reflog message of every move of main by the agent (``_move_main``).
+_AGENT_REFLOG = re.compile(r"^(fetch|rollback|resume): serial \d+$")
+
+
+@dataclass(frozen=True)
+class StoredSnapshot:
+    """What ``store`` needs of a verified snapshot (kept free of the trust types on purpose)."""
+
+    digest: str
+    serial: int
+    network: str
+    root_version: int
+    signed_by: tuple[str, ...]
+    payload: bytes
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    oid: str
+    digest: str
+    serial: int
+    network: str
+    root_version: int
+    signed_by: tuple[str, ...]
+    reason: str
+    time: int  # commit time, epoch seconds
+
+    @property
+    def hex(self) -> str:
+        return self.digest.removeprefix("sha256:")
+
+
+def _trailers(message: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in message.splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and key and " " not in key:
+            found[key] = value.strip()
+    return found
+
+
+def _message(stored: StoredSnapshot, reason: str) -> str:
+    verb = {"fetch": "Accept", "rollback": "Roll back to", "resume": "Resume at"}.get(
+        reason, reason
+    )
+    return (
+        f"{verb} snapshot {stored.serial} ({stored.digest[:19]}…)\n\n"
+        f"Config-Digest: {stored.digest}\n"
+        f"Serial: {stored.serial}\n"
+        f"Network: {stored.network}\n"
+        f"Root-Version: {stored.root_version}\n"
+        f"Signed-By: {', '.join(sorted(stored.signed_by))}\n"
+        f"Reason: {reason}\n"
+    )
+
+
+class History:
+    """The snapshot repository at ``path``."""
+
+    def __init__(self, repo: pygit2.Repository) -> None:
+        self._repo = repo
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = False) -> History:
+        try:
+            if (path / ".git").is_dir():
+                return cls(pygit2.Repository(str(path)))
+            if not create:
+                raise HistoryError(f"no state repository at {path} (run `reconcile init`)")
+            path.mkdir(parents=True, exist_ok=True)
+            repo = pygit2.init_repository(str(path), bare=False, initial_head="main")
+            return cls(repo)
+        except (pygit2.GitError, OSError) as exc:
+            raise HistoryError(f"cannot open the state repository {path}: {exc}") from exc
+
+    @property
+    def path(self) -> Path:
+        return Path(self._repo.workdir or self._repo.path)
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def _commit(self, oid: str | pygit2.Oid) -> pygit2.Commit:
+        try:
+            obj = self._repo[oid]
+        except (KeyError, ValueError, pygit2.GitError) as exc:
+            raise HistoryError(f"no commit {oid} in the state repository") from exc
+        commit = obj.peel(pygit2.Commit)
+        assert isinstance(commit, pygit2.Commit)
+        return commit
+
+    def info(self, oid: str | pygit2.Oid) -> CommitInfo:
+        commit = self._commit(oid)
+        t = _trailers(commit.message)
+        try:
+            return CommitInfo(
+                oid=str(commit.id),
+                digest=t["Config-Digest"],
+                serial=int(t["Serial"]),
+                network=t["Network"],
+                root_version=int(t["Root-Version"]),
+                signed_by=tuple(s.strip() for s in t["Signed-By"].split(",") if s.strip()),
+                reason=t["Reason"],
+                time=commit.commit_time,
+            )
+        except (KeyError, ValueError) as exc:
+            raise HistoryError(
+                f"commit {str(commit.id)[:12]} lacks the reconciler trailers"
+            ) from exc
+
+    def blobs(self, oid: str) -> tuple[bytes, bytes]:
+        """(snapshot.json bytes, envelope.json bytes) of a commit."""
+        tree = self._commit(oid).tree
+        try:
+            snapshot = tree[SNAPSHOT_FILE]
+            envelope = tree[ENVELOPE_FILE]
+        except KeyError as exc:
+            raise HistoryError(f"commit {oid[:12]} lacks {exc.args[0]}") from exc
+        return (
+            self._repo[snapshot.id].read_raw(),
+            self._repo[envelope.id].read_raw(),
+        )
+
+    def _ref_target(self, name: str) -> str | None:
+        # pygit2 (1.21) keeps a reference to the name it looks up whenever the ref exists: each
+        # lookup with a freshly built string leaked that string, 128 bytes per poll for
+        # refs/snapshots/<hex> (bench/watch_memory.py, tracemalloc). Interned, every lookup of
+        # one ref passes the same string object, so the leak stays one string per ref.
+        name = sys.intern(name)
+        try:
+            ref = self._repo.lookup_reference(name)
+        except (KeyError, pygit2.InvalidSpecError):
+            return None
+        return str(ref.resolve().target)
+
+    def main_tip(self) -> str | None:
+        return self._ref_target(MAIN)
+
+    def head_oid(self) -> str | None:
+        """What HEAD resolves to (the operator may have detached it with ``git checkout``)."""
+        try:
+            return str(self._repo.head.target)
+        except pygit2.GitError:
+            return None
+
+    def head_is_detached(self) -> bool:
+        return bool(self._repo.head_is_detached)
+
+    def head_moved_by_reconciler(self, oid: str) -> bool:
+        """Whether the last move of HEAD, to ``oid``, was this agent's own (``_move_main``).
+
+        Told by HEAD's reflog: the agent writes ``<reason>: serial N``; stock git writes
+        ``reset: …``, ``checkout: …``, ``commit: …``. A crash between moving ``main`` and
+        recording the new HEAD in the node record must not look like an operator's hold.
+        """
+        try:
+            newest = next(iter(self._repo.lookup_reference("HEAD").log()), None)
+        except (KeyError, pygit2.GitError, OSError):
+            return False
+        return (
+            newest is not None
+            and str(newest.oid_new) == oid
+            and _AGENT_REFLOG.match(newest.message or "") is not None
+        )
+
+    def snapshot_ref(self, digest: str) -> str | None:
+        return self._ref_target(f"refs/snapshots/{digest.removeprefix('sha256:')}")
+
+    def snapshot_refs(self) -> dict[str, str]:
+        """Every stored digest → the commit its ref names."""
+        refs: dict[str, str] = {}
+        for name in self._repo.references:
+            if name.startswith("refs/snapshots/"):
+                target = self._ref_target(name)
+                if target:
+                    refs["sha256:" + name.rsplit("/", 1)[1]] = target
+        return refs
+
+    def accepted_floor(self) -> CommitInfo | None:
+        oid = self._ref_target(ACCEPTED)
+        return self.info(oid) if oid else None
+
+    def log(self, start: str | None = None, *, limit: int | None = None) -> Iterator[CommitInfo]:
+        """First-parent history from ``start`` (default HEAD), newest first."""
+        oid = start or self.head_oid()
+        count = 0
+        while oid is not None and (limit is None or count < limit):
+            commit = self._commit(oid)
+            yield self.info(oid)
+            count += 1
+            oid = str(commit.parent_ids[0]) if commit.parent_ids else None
+
+    def resolve(self, rev: str) -> str:
+        """A digest (or a unique prefix of its hex), a serial, or any git revision → commit."""
+        text = rev.strip()
+        candidates = self.snapshot_refs()
+        hexpart = text.removeprefix("sha256:")
+        if len(hexpart) >= 6 and all(c in "0123456789abcdef" for c in hexpart):
+            hits = [oid for digest, oid in candidates.items() if digest[7:].startswith(hexpart)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise HistoryError(f"digest prefix {hexpart} is ambiguous")
+        if text.isdigit():
+            for oid in candidates.values():
+                if self.info(oid).serial == int(text):
+                    return oid
+        try:
+            obj = self._repo.revparse_single(text)
+        except (KeyError, ValueError, pygit2.GitError, pygit2.InvalidSpecError) as exc:
+            raise HistoryError(f"no snapshot matches {rev!r}") from exc
+        return str(obj.peel(pygit2.Commit).id)
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def _signature(self) -> pygit2.Signature:
+        return pygit2.Signature(*_IDENTITY, int(time.time()), 0)
+
+    def _write_commit(self, stored: StoredSnapshot, *, reason: str, parent: str | None) -> str:
+        try:
+            builder = self._repo.TreeBuilder()
+            builder.insert(
+                SNAPSHOT_FILE, self._repo.create_blob(stored.payload), pygit2.GIT_FILEMODE_BLOB
+            )
+            builder.insert(
+                ENVELOPE_FILE, self._repo.create_blob(stored.envelope), pygit2.GIT_FILEMODE_BLOB
+            )
+            tree = builder.write()
+            sig = self._signature()
+            parents = [pygit2.Oid(hex=parent)] if parent else []
+            oid = self._repo.create_commit(None, sig, sig, _message(stored, reason), tree, parents)
+        except (pygit2.GitError, OSError) as exc:
+            raise HistoryError(f"cannot write a commit: {exc}") from exc
+        return str(oid)
+
+    def _set_ref(self, name: str, oid: str, *, expected: str | None, log: str) -> None:
+        """Compare-and-swap: the ref must still point where the caller saw it."""
+        current = self._ref_target(name)
+        if current != expected:
+            raise HistoryError(f"{name} moved under us (expected {expected}, found {current})")
+        self._clear_stale_locks(name, "packed-refs")
+        try:
+            self._repo.create_reference_direct(name, pygit2.Oid(hex=oid), True, message=log)
+        except (pygit2.GitError, OSError) as exc:
+            raise HistoryError(f"cannot update {name}: {exc}") from exc
+
+    def store(self, stored: StoredSnapshot, *, advance: bool) -> tuple[str, bool]:
+        """Commit an accepted snapshot. Returns (commit, moved main).
+
+        The same digest stored twice changes nothing. ``advance`` moves ``main`` (and HEAD,
+        when it is attached) to the new commit; otherwise only its ref is written and the
+        snapshot waits.
+        """
+        existing = self.snapshot_ref(stored.digest)
+        if existing is not None:
+            return existing, False
+        tip = self.main_tip()
+        oid = self._write_commit(stored, reason="fetch", parent=tip)
+        self._set_ref(f"refs/snapshots/{stored.digest[7:]}", oid, expected=None, log="accept")
+        floor = self.accepted_floor()
+        if floor is None or stored.serial > floor.serial:
+            self._set_ref(ACCEPTED, oid, expected=floor.oid if floor else None, log="accept")
+        if advance:
+            self._move_main(oid, expected=tip, log=f"fetch: serial {stored.serial}")
+        return oid, advance
+
+    def recommit(self, source: str, *, reason: str) -> str:
+        """A new commit on ``main`` with the tree and trailers of ``source`` and a new Reason."""
+        info = self.info(source)
+        payload, envelope = self.blobs(source)
+        stored = StoredSnapshot(
+            digest=info.digest,
+            serial=info.serial,
+            network=info.network,
+            root_version=info.root_version,
+            signed_by=info.signed_by,
+            payload=payload,
+            envelope=envelope,
+        )
+        tip = self.main_tip()
+        oid = self._write_commit(stored, reason=reason, parent=tip)
+        self._move_main(oid, expected=tip, log=f"{reason}: serial {info.serial}")
+        return oid
+
+    def advance_to(self, oid: str) -> str:
+        """Make the stored commit ``oid`` the tip of ``main``; returns the new tip.
+
+        For a snapshot whose commit and ref were written by a pass that died before moving
+        ``main``: a fast-forward when ``main`` is still the commit's parent, otherwise a new
+        commit on top with the same tree and trailers (as ``recommit``).
+        """
+        commit = self._commit(oid)
+        tip = self.main_tip()
+        parents = [str(p) for p in commit.parent_ids]
+        if parents[:1] == ([tip] if tip else []):
+            self._move_main(oid, expected=tip, log=f"fetch: serial {self.info(oid).serial}")
+            return oid
+        return self.recommit(oid, reason="fetch")
+
+    def reattach_main(self) -> None:
+        """Point a detached HEAD back at ``main`` and check it out (used by ``resume``)."""
+        self._clear_stale_locks("HEAD", "index")
+        try:
+            self._repo.set_head(MAIN)
+            self._repo.checkout(MAIN, strategy=pygit2.GIT_CHECKOUT_FORCE)
+        except (pygit2.GitError, OSError) as exc:
+            raise HistoryError(f"cannot check out main: {exc}") from exc
+
+    def _move_main(self, oid: str, *, expected: str | None, log: str) -> None:
+        self._set_ref(MAIN, oid, expected=expected, log=log)
+        self._clear_stale_locks("HEAD", "index")
+        try:
+            if self._repo.head_is_detached or self._repo.head_is_unborn:
+                self._repo.set_head(MAIN)
+            self._repo.checkout(MAIN, strategy=pygit2.GIT_CHECKOUT_FORCE)
+        except (pygit2.GitError, OSError) as exc:
+            raise HistoryError(f"cannot check out main: {exc}") from exc
+
+    # ---- receipts ------------------------------------------------------------------------
+
+    def notes(self, oid: str) -> list[str]:
+        try:
+            note = self._repo.lookup_note(oid, NOTES)
+        except KeyError:
+            return []
+        return [line for line in note.message.splitlines() if line.strip()]
+
+    def append_note(self, oid: str, line: str) -> None:
+        lines = [*self.notes(oid), line]
+        sig = self._signature()
+        self._clear_stale_locks(NOTES)
+        try:
+            self._repo.create_note("\n".join(lines) + "\n", sig, sig, oid, NOTES, True)
+        except (pygit2.GitError, OSError) as exc:
+            raise HistoryError(f"cannot write the receipt note: {exc}") from exc
+
+    def noted_commits(self) -> list[str]:
+        try:
+            notes = self._repo.notes(NOTES)  # type: ignore[call-arg]
+            return [str(note.annotated_id) for note in notes]
+        except (KeyError, pygit2.GitError):
+            return []
+
+    # ---- upkeep --------------------------------------------------------------------------
+
+    def _clear_stale_locks(self, *names: str) -> None:
+        """Delete ``<name>.lock`` files that a killed writer left in the git directory.
+
+        libgit2 writes a ref, HEAD or the index through ``<name>.lock`` and renames it into
+        place; a process killed in between leaves the lock, and every later update of that
+        name fails ("failed to lock file") until someone deletes it. Every writer of this
+        repository holds the agent lock (see the module docstring), so a lock file seen here
+        belongs to a writer that is gone.
+        """
+        gitdir = Path(self._repo.path)
+        for name in names:
+            (gitdir / f"{name}.lock").unlink(missing_ok=True)
+
+    def discard_interrupted_writes(self) -> list[Path]:
+        """Delete what a killed writer left in the git directory; returns what it removed.
+
+        libgit2 writes objects through ``tmp_object_git2_*`` scratch files (git never reads
+        them; only ``git gc`` would remove them, weeks later) and refs, HEAD and the index
+        through ``<name>.lock``. An interrupted checkout is finished. Call with the agent lock
+        held: then no other writer of this repository is mid-write.
+        """
+        gitdir = Path(self._repo.path)
+        leftovers = [
+            *gitdir.glob("objects/**/tmp_object_git2_*"),
+            *gitdir.glob("refs/**/*.lock"),
+            *(gitdir / name for name in ("HEAD.lock", "index.lock", "packed-refs.lock")),
+        ]
+        removed = [path for path in leftovers if path.exists()]
+        for path in removed:
+            path.unlink(missing_ok=True)
+        if gitdir / "index.lock" in removed and not self._repo.head_is_unborn:
+            try:
+                self._repo.checkout("HEAD", strategy=pygit2.GIT_CHECKOUT_FORCE)
+            except (pygit2.GitError, OSError) as exc:
+                raise HistoryError(f"cannot check out HEAD: {exc}") from exc
+        return removed

@@ -1,0 +1,4 @@
+"""The model store: content-addressed blobs, hard-linked trees, verified downloads.
+
+Independent of ``history`` and ``runtime``.
+"""

@@ -1,0 +1,1 @@
+"""The network's side: making roots, signing and publishing snapshots into an origin folder."""

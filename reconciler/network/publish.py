@@ -1,0 +1,227 @@
+"""The network's side: make roots, sign envelopes, publish snapshots into an origin folder.
+
+Edge module (files). The origin is a tree of static files, so publishing is writing files:
+``snapshots/<hex>.json`` first (immutable, named by content), ``head.json`` last (the only
+mutable file), each replaced atomically so a web server never serves half a document.
+Everything published is checked against the same schemas and rules the nodes apply, so a
+publisher cannot sign what every node would reject.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nacl.signing import SigningKey
+
+from reconciler.core.documents import (
+    JsonError,
+    Root,
+    Snapshot,
+    digest_of,
+    format_time,
+    loads_strict,
+)
+from reconciler.core.envelope import (
+    HEAD_TYPE,
+    ROOT_TYPE,
+    SNAPSHOT_TYPE,
+    EnvelopeError,
+    parse_envelope,
+    seal,
+)
+from reconciler.core.errors import SettingsError
+from reconciler.core.schema import SchemaError, SchemaName, validate
+from reconciler.disk.atomic import write_atomic
+
+__all__ = [
+    "Published",
+    "canonical_json",
+    "make_root",
+    "parse_duration",
+    "publish_snapshot",
+    "refresh_head",
+]
+
+
+@dataclass(frozen=True)
+class Published:
+    digest: str
+    serial: int
+    head_expires: str
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Sorted keys, no insignificant whitespace: the same document always hashes the same."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8"
+    )
+
+
+def parse_duration(text: str) -> int:
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d`` → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    body, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    if not body.isdigit() or int(body) <= 0:
+        raise SettingsError(f"{text!r} is not a duration (examples: 3600, 90m, 12h, 7d)")
+    return int(body) * units[unit]
+
+
+def _checked(schema: SchemaName, obj: dict[str, Any]) -> None:
+    try:
+        validate(schema, obj)
+    except SchemaError as exc:
+        raise SettingsError(f"refusing to sign an invalid {schema}: {exc}") from exc
+
+
+def make_root(
+    *,
+    version: int,
+    network: str,
+    threshold: int,
+    public_keys: Sequence[tuple[str, bytes]],
+    expires: int,
+    signers: Sequence[SigningKey],
+) -> bytes:
+    """Root ``version``: for N > 1, ``signers`` must include a threshold of root N-1's keys."""
+    payload = {
+        "version": version,
+        "network": network,
+        "threshold": threshold,
+        "keys": [{"keyid": kid, "public": raw.hex()} for kid, raw in public_keys],
+        "expires": format_time(expires),
+    }
+    _checked("root", payload)
+    try:
+        Root.from_payload(payload)
+    except ValueError as exc:
+        raise SettingsError(f"refusing to sign this root: {exc}") from exc
+    return seal(ROOT_TYPE, canonical_json(payload), signers)
+
+
+def _previous_head(origin: Path) -> dict[str, Any] | None:
+    try:
+        envelope = parse_envelope((origin / "head.json").read_bytes())
+        head = loads_strict(envelope.payload)
+    except FileNotFoundError:
+        return None
+    except (EnvelopeError, JsonError) as exc:
+        raise SettingsError(f"{origin / 'head.json'} is not a head envelope: {exc}") from exc
+    return head if isinstance(head, dict) else None
+
+
+def _wait_for_a_new_second(path: Path) -> None:
+    """Let head.json's mtime move to a later second than the one it replaces.
+
+    Stock web servers derive validators from the mtime in whole seconds: nginx's ETag is
+    (mtime, size), Last-Modified is the mtime. Two heads of the same size written within one
+    second would look identical, and a node that polled between them would be answered 304
+    until the next publish. Waits at most one second; a previous mtime further in the future
+    (the clock went back) is not waited for.
+    """
+    try:
+        previous = math.floor(path.stat().st_mtime)
+    except FileNotFoundError:
+        return
+    wait = previous + 1 - time.time()
+    if 0 < wait <= 1.0:
+        time.sleep(wait)
+
+
+def _write_head(
+    origin: Path,
+    *,
+    network: str,
+    serial: int,
+    digest: str,
+    now: float,
+    expires: int,
+    signers: Sequence[SigningKey],
+) -> None:
+    head = {
+        "network": network,
+        "serial": serial,
+        "config_digest": digest,
+        "issued_at": format_time(now),
+        "expires": format_time(expires),
+    }
+    _checked("head", head)
+    envelope = seal(HEAD_TYPE, canonical_json(head), signers)
+    _wait_for_a_new_second(origin / "head.json")
+    write_atomic(origin / "head.json", envelope)
+
+
+def publish_snapshot(
+    origin: Path,
+    snapshot: dict[str, Any],
+    *,
+    signers: Sequence[SigningKey],
+    now: float,
+    expires_in_s: int,
+) -> Published:
+    """Sign ``snapshot`` and make it the origin's head.
+
+    ``serial`` defaults to the current head's + 1, ``issued_at`` to now and ``expires`` to
+    now + ``expires_in_s``; ``network`` must be given. A serial that does not go up is refused.
+    """
+    document = dict(snapshot)
+    previous = _previous_head(origin)
+    last_serial = int(previous["serial"]) if previous else 0
+    document.setdefault("serial", last_serial + 1)
+    document.setdefault("issued_at", format_time(now))
+    document.setdefault("expires", format_time(now + expires_in_s))
+    _checked("snapshot", document)
+    try:
+        Snapshot.from_payload(document)
+    except ValueError as exc:
+        raise SettingsError(f"refusing to sign this snapshot: {exc}") from exc
+    if document["serial"] <= last_serial:
+        raise SettingsError(
+            f"serial {document['serial']} does not exceed the published {last_serial}"
+        )
+    payload = canonical_json(document)
+    digest = digest_of(payload)
+    write_atomic(
+        origin / "snapshots" / f"{digest.removeprefix('sha256:')}.json",
+        seal(SNAPSHOT_TYPE, payload, signers),
+    )
+    expires = int(now + expires_in_s)
+    _write_head(
+        origin,
+        network=document["network"],
+        serial=document["serial"],
+        digest=digest,
+        now=now,
+        expires=expires,
+        signers=signers,
+    )
+    return Published(digest=digest, serial=document["serial"], head_expires=format_time(expires))
+
+
+def refresh_head(
+    origin: Path, *, signers: Sequence[SigningKey], now: float, expires_in_s: int
+) -> Published:
+    """Re-sign ``head.json`` with a later ``expires``: same serial, same digest."""
+    previous = _previous_head(origin)
+    if previous is None:
+        raise SettingsError(f"{origin} has no head.json to refresh")
+    expires = int(now + expires_in_s)
+    _write_head(
+        origin,
+        network=previous["network"],
+        serial=previous["serial"],
+        digest=previous["config_digest"],
+        now=now,
+        expires=expires,
+        signers=signers,
+    )
+    return Published(
+        digest=previous["config_digest"],
+        serial=previous["serial"],
+        head_expires=format_time(expires),
+    )

@@ -1,0 +1,1 @@
+"""What the node tells its operator: status, log, verify, the Prometheus textfile."""

@@ -1,0 +1,127 @@
+"""Metrics for node_exporter's textfile collector, from what the node recorded.
+
+Edge module (reads the node record and the model store's index; writes one file when the
+``metrics_path`` setting names it). Names are stable: dashboards and alerts depend on them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from reconciler.core.documents import parse_time
+from reconciler.history.node import Node
+from reconciler.report.metrics import Metric, write_metrics
+
+__all__ = ["node_metrics", "write_node_metrics"]
+
+
+def _blob_bytes(node: Node) -> int:
+    """Bytes of verified model blobs on disk (``models/blobs/sha256/``; one stat per blob)."""
+    total = 0
+    try:
+        entries = list(os.scandir(node.paths.models / "blobs" / "sha256"))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+    return total
+
+
+def node_metrics(
+    node: Node, *, last_apply_s: float | None, now: float | None = None
+) -> list[Metric]:
+    now = time.time() if now is None else now
+    state = node.state
+    since_fetch = now - parse_time(state.last_fetch_ok_at) if state.last_fetch_ok_at else -1
+    stale = bool(state.last_head_expires and parse_time(state.last_head_expires) <= now)
+    metrics = [
+        Metric(
+            "reconciler_applied_serial",
+            "Serial of the last converged snapshot.",
+            "gauge",
+            state.applied_serial or 0,
+        ),
+        Metric(
+            "reconciler_converged",
+            "1 when the node matches HEAD.",
+            "gauge",
+            1 if state.converged else 0,
+        ),
+        Metric(
+            "reconciler_seconds_since_last_fetch",
+            "Seconds since the last successful fetch (-1: never).",
+            "gauge",
+            round(since_fetch, 3),
+        ),
+        Metric(
+            "reconciler_stale",
+            "1 when the last accepted head has expired.",
+            "gauge",
+            1 if stale else 0,
+        ),
+        Metric(
+            "reconciler_hold", "1 while automatic advance is held.", "gauge", 1 if state.hold else 0
+        ),
+        Metric(
+            "reconciler_quarantined_snapshots",
+            "Digests quarantined after a failed apply.",
+            "gauge",
+            len(state.quarantined),
+        ),
+        Metric(
+            "reconciler_apply_failures_total",
+            "Apply attempts that failed.",
+            "counter",
+            state.counters.get("apply_failures", 0),
+        ),
+        Metric(
+            "reconciler_rollbacks_total",
+            "Automatic and manual rollbacks.",
+            "counter",
+            state.counters.get("rollbacks", 0),
+        ),
+        Metric(
+            "reconciler_fetch_rejections_total",
+            "Documents rejected at intake.",
+            "counter",
+            state.counters.get("rejections", 0),
+        ),
+        Metric(
+            "reconciler_model_bytes_installed",
+            "Bytes of model blobs on disk.",
+            "gauge",
+            _blob_bytes(node),
+        ),
+    ]
+    for digest in state.quarantined:
+        metrics.append(
+            Metric(
+                "reconciler_quarantined",
+                "A quarantined snapshot digest.",
+                "gauge",
+                1,
+                labels=(("digest", digest),),
+            )
+        )
+    if last_apply_s is not None:
+        metrics.append(
+            Metric(
+                "reconciler_last_apply_duration_seconds",
+                "Wall time of the last pass.",
+                "gauge",
+                round(last_apply_s, 3),
+            )
+        )
+    return metrics
+
+
+def write_node_metrics(node: Node, *, last_apply_s: float | None) -> None:
+    if not node.settings.metrics_path:
+        return
+    write_metrics(Path(node.settings.metrics_path), node_metrics(node, last_apply_s=last_apply_s))

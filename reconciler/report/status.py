@@ -1,0 +1,234 @@
+"""What ``reconcile status`` and ``reconcile log`` show, built from what was recorded.
+
+Reads the node record, the git history and small files; it never asks Podman, the origin or
+a mirror (status must answer instantly, also when those are down). The JSON shape is part of
+the operator interface and documented field by field in docs/status.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from reconciler import __version__
+from reconciler.core.documents import parse_time
+from reconciler.core.errors import HistoryError
+from reconciler.history.node import Node
+
+__all__ = ["format_log", "format_status", "status_report"]
+
+
+def _commit_view(node: Node, oid: str | None) -> dict[str, Any] | None:
+    if oid is None:
+        return None
+    try:
+        info = node.history.info(oid)
+    except HistoryError:
+        return {"commit": oid, "digest": None, "serial": None, "reason": None}
+    return {"commit": oid, "digest": info.digest, "serial": info.serial, "reason": info.reason}
+
+
+def _models_view(node: Node) -> list[dict[str, Any]]:
+    path = node.paths.state_dir / "model-states.json"
+    try:
+        recorded = json.loads(path.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return []
+    return list(recorded.get("models", []))
+
+
+def status_report(node: Node, *, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    state = node.state
+    head_oid = node.history.head_oid()
+    head = _commit_view(node, head_oid)
+    expected = state.expected_head
+    moved = bool(head_oid and expected and head_oid != expected)
+    stale_since = state.last_head_expires
+    stale = bool(stale_since and parse_time(stale_since) <= now)
+    head_serial = head["serial"] if head and head["serial"] else 0
+    waiting = []
+    for digest in state.waiting:
+        oid = node.history.snapshot_ref(digest)
+        if oid is None:
+            continue
+        info = node.history.info(oid)
+        if info.serial > head_serial or digest != (head or {}).get("digest"):
+            waiting.append({"digest": digest, "serial": info.serial})
+    try:
+        public_key = node.paths.node_pub.read_text(encoding="ascii").strip()
+    except OSError:
+        public_key = None
+    approved = None
+    if head and head["digest"]:
+        approved = _approved_agent(node, head_oid)
+    return {
+        "network": node.network,
+        "origin": node.settings.normalised_origin(),
+        "state_dir": str(node.paths.state_dir),
+        "head": head,
+        "applied": {
+            "digest": state.applied_digest,
+            "serial": state.applied_serial,
+            "at": state.applied_at,
+        },
+        "converged": bool(
+            state.converged and head is not None and state.applied_digest == head["digest"]
+        ),
+        "hold": {
+            "active": state.hold or moved,
+            "reason": state.hold_reason
+            or (f"HEAD moved with git to {head_oid[:12]}" if moved and head_oid else None),
+        },
+        "waiting": waiting,
+        "quarantined": list(state.quarantined),
+        "stale": {"stale": stale, "since": stale_since if stale else None},
+        "last_accepted": {
+            "serial": state.last_serial,
+            "digest": state.last_digest,
+            "head_expires": state.last_head_expires,
+        },
+        "last_fetch_ok_at": state.last_fetch_ok_at,
+        "last_error": _error_view(state.last_error),
+        "last_rejection": _error_view(state.last_rejection),
+        "models": _models_view(node),
+        "node_public_key": public_key,
+        "agent": {
+            "running": __version__,
+            "approved": approved,
+            "update_available": bool(approved and approved != __version__),
+            # The last run of the agent-update hook: {version, digest, exit_code, at} or None.
+            "update_hook": state.agent_update,
+        },
+        "counters": dict(state.counters),
+    }
+
+
+def _approved_agent(node: Node, oid: str | None) -> str | None:
+    if oid is None:
+        return None
+    try:
+        payload, _envelope = node.history.blobs(oid)
+        updates = json.loads(payload).get("updates", {})
+        version = updates.get("agent", {}).get("version")
+    except (HistoryError, ValueError, AttributeError):
+        return None
+    return version if isinstance(version, str) else None
+
+
+def _error_view(error: Any) -> dict[str, str] | None:
+    if error is None:
+        return None
+    return {"at": error.at, "kind": error.kind, "message": error.message}
+
+
+def format_status(report: dict[str, Any]) -> str:
+    head = report["head"]
+    applied = report["applied"]
+    lines = [f"network     {report['network']}   origin {report['origin'] or '(none)'}"]
+    if head:
+        lines.append(f"HEAD        serial {head['serial']}  {head['digest']}  ({head['reason']})")
+    else:
+        lines.append("HEAD        (no snapshot yet)")
+    if applied["digest"]:
+        lines.append(
+            f"applied     serial {applied['serial']}  {applied['digest']}  at {applied['at']}"
+        )
+    else:
+        lines.append("applied     (nothing applied yet)")
+    lines.append(f"converged   {'yes' if report['converged'] else 'no'}")
+    if report["hold"]["active"]:
+        lines.append(
+            f"hold        {report['hold']['reason'] or 'active'} (lift with `reconcile resume`)"
+        )
+    for item in report["waiting"]:
+        lines.append(f"waiting     serial {item['serial']}  {item['digest']}")
+    for digest in report["quarantined"]:
+        lines.append(f"quarantined {digest}")
+    if report["stale"]["stale"]:
+        lines.append(f"stale       since {report['stale']['since']} (no newer head could be had)")
+    lines.append(f"last fetch  {report['last_fetch_ok_at'] or 'never succeeded'}")
+    if report["last_rejection"]:
+        r = report["last_rejection"]
+        lines.append(f"rejected    {r['message']} ({r['at']})")
+    if report["last_error"] and report["last_error"] != report["last_rejection"]:
+        e = report["last_error"]
+        lines.append(f"last error  {e['message']} ({e['kind']}, {e['at']})")
+    for model in report["models"]:
+        reason = f"  {model['reason']}" if model.get("reason") else ""
+        lines.append(f"model       {model['id']:<40} {model['state']}{reason}")
+    agent = report["agent"]
+    if agent["update_available"]:
+        ran = agent.get("update_hook")
+        hook = (
+            f" (agent-update exited {ran['exit_code']} at {ran['at']})"
+            if ran and ran.get("version") == agent["approved"]
+            else ""
+        )
+        lines.append(f"agent       {agent['running']} running, {agent['approved']} approved{hook}")
+    return "\n".join(lines)
+
+
+def format_log(node: Node, *, limit: int | None = None, receipts: bool = False) -> str:
+    """One line per commit of HEAD's history; with ``receipts``, each apply attempt under it."""
+    lines = []
+    for info in node.history.log(limit=limit):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.time))
+        payloads = _receipt_payloads(node, info.oid)
+        results = [str(p.get("result", "?")) if p else "unreadable" for p in payloads]
+        outcome = f"  applied: {', '.join(results)}" if results else ""
+        lines.append(
+            f"{info.oid[:10]}  {when}Z  serial {info.serial:<6} {info.digest[:19]}…  "
+            f"{info.reason:<8} signed by {len(info.signed_by)}{outcome}"
+        )
+        if receipts:
+            for number, payload in enumerate(payloads, start=1):
+                lines.extend(_receipt_summary(number, payload))
+    return "\n".join(lines) if lines else "(no snapshots yet)"
+
+
+def _receipt_payloads(node: Node, oid: str) -> list[dict[str, Any] | None]:
+    """Each receipt on a commit, decoded (None if unreadable). Signatures are not checked
+    here: ``reconcile verify`` does that."""
+    from reconciler.core.envelope import EnvelopeError, parse_envelope
+
+    payloads: list[dict[str, Any] | None] = []
+    for line in node.history.notes(oid):
+        try:
+            payload = json.loads(parse_envelope(line.encode("utf-8")).payload)
+        except (EnvelopeError, ValueError):
+            payload = None
+        payloads.append(payload if isinstance(payload, dict) else None)
+    return payloads
+
+
+def _receipt_summary(number: int, payload: dict[str, Any] | None) -> list[str]:
+    """A receipt in a few indented lines, as an operator reads it in ``reconcile log``."""
+    if payload is None:
+        return [f"    receipt {number}: unreadable"]
+    actions = payload.get("actions") or []
+    failed = sum(1 for a in actions if not a.get("ok"))
+    hooks = [
+        f"{h.get('name')} {'timed out' if h.get('timed_out') else h.get('exit_code')}"
+        for h in payload.get("hooks") or []
+        if h.get("ran")
+    ]
+    lines = [
+        f"    receipt {number}: {payload.get('result', '?')}  "
+        f"{payload.get('started_at', '?')} → {payload.get('finished_at', '?')}  "
+        f"reason {payload.get('reason', '?')}  "
+        f"{len(actions)} action(s){f', {failed} failed' if failed else ''}"
+        + (f"  hooks: {', '.join(hooks)}" if hooks else "")
+    ]
+    for action in actions:
+        what = action.get("action") or {}
+        container = (action.get("container_id") or "")[:12]
+        lines.append(
+            f"      {'ok  ' if action.get('ok') else 'FAIL'} {what.get('kind', '?')} "
+            f"{what.get('container', '?')}{f' ({container})' if container else ''}: "
+            f"{action.get('message', '')}"
+        )
+    if payload.get("error"):
+        lines.append(f"      error: {payload['error']}")
+    return lines
