@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from reconciler.core.errors import RegistryError, SettingsError
-from reconciler.runtime.podman import (
-    PodmanEdge,
+from reconciler.runtime.podman import PodmanEdge
+from reconciler.runtime.registry_auth import (
     RegistryCredentials,
     auth_scopes,
     match_auth_key,

@@ -65,6 +65,29 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
+def _collect(process: subprocess.Popen[bytes], *, deadline: float) -> tuple[bytes, bool]:
+    """The hook's output (up to ``OUTPUT_CAP``) once it is done, and whether ``deadline``
+    came first. Done: its own process has exited and its output is closed."""
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    output = bytearray()
+    closed = False
+    while not (closed and _exited(process.pid)):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return bytes(output), True
+        if closed:
+            time.sleep(min(0.05, remaining))
+            continue
+        ready, _, _ = select.select([fd], [], [], min(0.1, remaining))
+        if ready:
+            # Keep reading past the cap so a chatty hook never blocks on a full pipe.
+            chunk = os.read(fd, 65536)
+            closed = not chunk
+            output.extend(chunk[: max(0, OUTPUT_CAP - len(output))])
+    return bytes(output), False
+
+
 def run_hook(hooks_dir: Path, name: str, *, env: Mapping[str, str], timeout_s: float) -> HookResult:
     """Run ``hooks_dir/name`` if it exists and is executable; never raises for its failure.
 
@@ -79,7 +102,6 @@ def run_hook(hooks_dir: Path, name: str, *, env: Mapping[str, str], timeout_s: f
     if not path.is_file() or not os.access(path, os.X_OK):
         return HookResult(name=name, ran=False, exit_code=None, output="")
     started = time.monotonic()
-    deadline = started + timeout_s
     try:
         process = subprocess.Popen(
             [str(path)],
@@ -93,25 +115,8 @@ def run_hook(hooks_dir: Path, name: str, *, env: Mapping[str, str], timeout_s: f
     except OSError as exc:
         return HookResult(name=name, ran=True, exit_code=126, output=f"cannot run: {exc.strerror}")
     assert process.stdout is not None
-    fd = process.stdout.fileno()
-    output = bytearray()
-    closed = False
-    timed_out = False
     try:
-        while not (closed and _exited(process.pid)):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            if closed:
-                time.sleep(min(0.05, remaining))
-                continue
-            ready, _, _ = select.select([fd], [], [], min(0.1, remaining))
-            if ready:
-                # Keep reading past the cap so a chatty hook never blocks on a full pipe.
-                chunk = os.read(fd, 65536)
-                closed = not chunk
-                output.extend(chunk[: max(0, OUTPUT_CAP - len(output))])
+        output, timed_out = _collect(process, deadline=started + timeout_s)
     finally:
         _kill_group(process.pid)
         code: int | None = process.wait()
