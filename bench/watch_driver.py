@@ -2,8 +2,8 @@
 
 Runs the product's own ``reconciler.agent.watch`` for CYCLES cycles against the node whose
 settings file is CONFIG, logging as ``reconcile watch`` does (to stderr). One thing differs
-from the command: the pause between cycles. ``agent.jittered`` is replaced by a function that
-returns 0, so the next poll is due at once (every cycle fetches: the "fast TTLs") and the loop
+from the command: the pause between cycles. ``core.schedule.jittered`` is replaced by a function
+that returns 0, so the next poll is due at once (every cycle fetches: the "fast TTLs") and the loop
 does not wait (1,000 cycles at ttl.poll_s = 1 would take 17 minutes). Drift repair runs every
 cycle as it does in production; the full re-hash runs every ttl.cache_s seconds.
 
@@ -22,6 +22,7 @@ from typing import Any
 from reconciler.agent import loop as agent
 from reconciler.cli import _setup_logging
 from reconciler.config.settings import load_settings
+from reconciler.core import schedule
 
 
 def _rss_mib() -> float:
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> int:
             samples[count] = _rss_mib()
         return outcome
 
-    agent.jittered = no_pause
+    schedule.jittered = no_pause
     agent._cycle = cycle
     _setup_logging("human")
     code = agent.watch(lambda: load_settings(config=config), max_cycles=int(cycles))

@@ -8,6 +8,7 @@ import pytest
 
 from reconciler.core.errors import HistoryError
 from reconciler.history.repo import History, StoredSnapshot
+from reconciler.history.trailers import CommitInfo, commit_info, commit_message
 from tests.support.origin_fixtures import NodeUnderTest, repository_refs, stock_git
 from tests.support.signing import Release, RepositorySimulator, base_snapshot
 
@@ -272,6 +273,33 @@ def test_opening_a_missing_repository_is_a_history_error(tmp_path: Path) -> None
         History.open(tmp_path / "absent")
     with pytest.raises(HistoryError, match="no commit"):
         History.open(tmp_path / "made", create=True).info("0" * 40)
+
+
+def test_a_commit_message_reads_back_as_the_trailers_it_was_written_with() -> None:
+    snapshot = StoredSnapshot(
+        digest="sha256:" + "ab" * 32,
+        serial=7,
+        network="testnet",
+        root_version=2,
+        signed_by=("k2", "k1"),
+        payload=b"{}",
+        envelope=b"{}",
+    )
+    message = commit_message(snapshot, reason="rollback")
+
+    assert message.splitlines()[0] == "Roll back to snapshot 7 (sha256:abababababab…)"
+    assert commit_info(message, oid="c" * 40, time=5) == CommitInfo(
+        oid="c" * 40,
+        digest="sha256:" + "ab" * 32,
+        serial=7,
+        network="testnet",
+        root_version=2,
+        signed_by=("k1", "k2"),
+        reason="rollback",
+        time=5,
+    )
+    with pytest.raises(HistoryError, match="commit cccccccccccc lacks the reconciler trailers"):
+        commit_info("operator notes\n\nSerial: seven\n", oid="c" * 40, time=5)
 
 
 # ---- through the command ----------------------------------------------------------------

@@ -1,6 +1,6 @@
 """``reconcile watch`` and the agent lock, run as real subprocesses.
 
-The timers are unit-tested with a seeded ``random.Random``; everything else runs the real
+The timers are unit-tested in test_schedule.py; everything here runs the real
 command (``python -c 'from reconciler.cli import main; main()'``) against the served origin
 and the private Podman service, and talks to it only with signals, files and the origin's
 request counters. Snapshots here poll every second (``ttl.poll_s = 1``).
@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import json
 import os
-import random
 import signal
 import subprocess
 import time
@@ -22,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from reconciler.agent.loop import Timing, backoff, jittered
 from tests.support.fileserver import FileServer
 from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.podman_fixtures import PodmanService
@@ -41,41 +39,6 @@ from tests.support.scenarios import (
 from tests.support.signing import RepositorySimulator
 
 FAST_TTL = {"poll_s": 1, "heartbeat_s": 30, "retry_min_s": 1, "retry_max_s": 4, "cache_s": 86400}
-
-
-# ---- the timers ---------------------------------------------------------------------------
-
-
-def test_jittered_stays_within_ten_percent_and_is_reproducible_with_a_seed() -> None:
-    draws = [jittered(60.0, random.Random(7)) for _ in range(3)]
-    assert draws[0] == draws[1] == draws[2]
-    rng = random.Random(1)
-    values = [jittered(60.0, rng) for _ in range(2000)]
-    assert min(values) >= 54.0
-    assert max(values) <= 66.0
-    assert min(values) < 55.0 and max(values) > 65.0  # the whole ±10 % band is used
-    assert jittered(0.0, rng) == 0.0
-
-
-def test_backoff_grows_from_retry_min_to_retry_max() -> None:
-    timing = Timing(poll_s=60, retry_min_s=5, retry_max_s=300)
-    rng = random.Random(42)
-
-    assert backoff(1, timing, rng) == 5  # the first retry waits exactly retry_min_s
-    ceilings = [5 * 2 ** (n - 1) for n in range(2, 8)]  # 10, 20, … 320
-    for failures, ceiling in zip(range(2, 8), ceilings, strict=True):
-        for _ in range(200):
-            delay = backoff(failures, timing, rng)
-            top = min(ceiling, 300)
-            assert top / 2 <= delay <= top, (failures, delay)
-    late = [backoff(50, timing, rng) for _ in range(500)]
-    assert min(late) >= 150 and max(late) <= 300
-    assert backoff(3, timing, random.Random(9)) == backoff(3, timing, random.Random(9))
-
-
-def test_backoff_with_equal_bounds_is_constant() -> None:
-    timing = Timing(retry_min_s=2, retry_max_s=2)
-    assert {backoff(n, timing, random.Random(n)) for n in range(1, 10)} == {2}
 
 
 # ---- running the agent as a process -------------------------------------------------------

@@ -1,10 +1,11 @@
 """``reconcile once`` and ``reconcile watch``: fetch, converge, record, sleep, repeat.
 
 The outermost loop below the CLI. It owns the agent lock (one reconciler at a time), the
-timing (poll interval with jitter, exponential backoff with jitter on errors, periodic full
-model re-verification) and the signals (SIGHUP: poll now and re-read settings, keeping the old
-ones if the new ones are bad; SIGTERM/SIGINT: finish the current step and exit 0). Each cycle
-is ``intake.fetch`` (unless offline or backing off) followed by ``apply.converge``, which also
+clock (it reads ``time.monotonic`` and sleeps; the arithmetic of poll interval with jitter,
+exponential backoff with jitter on errors and periodic full model re-verification is
+``core.schedule``) and the signals (SIGHUP: poll now and re-read settings, keeping the old ones
+if the new ones are bad; SIGTERM/SIGINT: finish the current step and exit 0). Each cycle is
+``intake.fetch`` (unless offline or backing off) followed by ``apply.converge``, which also
 repairs drift; nothing here touches Podman, git or the network directly.
 """
 
@@ -16,19 +17,21 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 
 from reconciler.apply.transaction import ConvergeOutcome, converge
 from reconciler.config.settings import Settings
 from reconciler.core.errors import OriginUnreachableError, ReconcilerError, RejectedError
+from reconciler.core.schedule import Due, Schedule, Timing, timing_of
 from reconciler.disk.lock import state_lock
 from reconciler.history.node import Node
 from reconciler.intake.fetch import fetch
 from reconciler.report.node_metrics import write_node_metrics
 
-__all__ = ["OnceResult", "Timing", "run_once", "watch"]
+__all__ = ["OnceResult", "run_once", "watch"]
 
 log = logging.getLogger("reconciler")
 
@@ -68,36 +71,45 @@ def run_once(node: Node, *, offline: bool, wait_s: float = 0.0) -> OnceResult:
         return _cycle(node, offline=offline, do_fetch=True, full_verify=False)
 
 
-@dataclass(frozen=True)
-class Timing:
-    """Seconds. Taken from HEAD's ``ttl`` each cycle, with these as fallbacks."""
-
-    poll_s: float = 60.0
-    retry_min_s: float = 5.0
-    retry_max_s: float = 300.0
-    cache_s: float = 86400.0
-
-
 def _timing(node: Node) -> Timing:
-    ttl = node.head_ttl()
-    if ttl is None:
-        return Timing()
-    return Timing(
-        poll_s=ttl.poll_s,
-        retry_min_s=ttl.retry_min_s,
-        retry_max_s=max(ttl.retry_max_s, ttl.retry_min_s),
-        cache_s=node.settings.verify_interval_s or ttl.cache_s,
-    )
+    return timing_of(node.head_ttl(), verify_interval_s=node.settings.verify_interval_s)
 
 
-def jittered(seconds: float, rng: random.Random, spread: float = 0.1) -> float:
-    return max(0.0, seconds * (1 + rng.uniform(-spread, spread)))
+@dataclass(frozen=True)
+class _Signals:
+    """What the signal handlers tell the loop (events: set from a handler, read by the loop)."""
+
+    stop: threading.Event  # SIGTERM, SIGINT: finish the current step and exit
+    reload: threading.Event  # SIGHUP: re-read settings and poll now
+    wake: threading.Event  # either: cut the pause short
 
 
-def backoff(failures: int, timing: Timing, rng: random.Random) -> float:
-    """Exponential from retry_min_s to retry_max_s, with full jitter on the upper half."""
-    ceiling = min(timing.retry_max_s, timing.retry_min_s * (2 ** max(0, failures - 1)))
-    return rng.uniform(ceiling / 2, ceiling) if ceiling > timing.retry_min_s else ceiling
+@contextmanager
+def _handled_signals() -> Iterator[_Signals]:
+    """Install the handlers for the duration of ``watch``; the previous ones come back after."""
+    signals = _Signals(stop=threading.Event(), reload=threading.Event(), wake=threading.Event())
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        signals.stop.set()
+        signals.wake.set()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        signals.reload.set()
+        signals.wake.set()
+
+    previous = {
+        sig: signal.signal(sig, handler)
+        for sig, handler in (
+            (signal.SIGTERM, on_term),
+            (signal.SIGINT, on_term),
+            (signal.SIGHUP, on_hup),
+        )
+    }
+    try:
+        yield signals
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def watch(
@@ -109,82 +121,77 @@ def watch(
 ) -> int:
     """Run until SIGTERM/SIGINT (exit 0). ``max_cycles`` bounds a run for tests and benchmarks."""
     rng = rng or random.Random()
-    stop = threading.Event()
-    wake = threading.Event()
-    reload_requested = threading.Event()
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-        wake.set()
-
-    def on_hup(signum: int, frame: FrameType | None) -> None:
-        reload_requested.set()
-        wake.set()
-
-    previous = {
-        sig: signal.signal(sig, handler)
-        for sig, handler in (
-            (signal.SIGTERM, on_term),
-            (signal.SIGINT, on_term),
-            (signal.SIGHUP, on_hup),
-        )
-    }
-    settings = load_settings()
-    node = Node(settings)
-    try:
+    with _handled_signals() as signals:
+        node = Node(load_settings())
         # watch.lock is held for life (one watch per node); the agent lock only per cycle, so
         # an operator's `once`, `rollback` or `resume` can run between two cycles.
         with state_lock(node.paths.state_dir / "watch.lock", wait_s=wait_s):
             log.info("watch: started")
-            failures = 0
-            next_fetch = 0.0
-            next_verify = time.monotonic() + _timing(node).cache_s
-            cycles = 0
-            while not stop.is_set():
-                if reload_requested.is_set():
-                    reload_requested.clear()
-                    next_fetch = 0.0
-                    try:
-                        node = Node(load_settings())
-                        log.info("watch: settings re-read")
-                    except ReconcilerError as exc:
-                        log.error("watch: keeping the old settings: %s", exc.one_line())
-                now = time.monotonic()
-                do_fetch = now >= next_fetch
-                full_verify = now >= next_verify
-                try:
-                    with state_lock(node.paths.lock, wait_s=max(wait_s, 60.0)):
-                        node.reload()
-                        result = _cycle(
-                            node, offline=False, do_fetch=do_fetch, full_verify=full_verify
-                        )
-                except ReconcilerError as exc:
-                    log.error("watch: %s", exc.one_line())
-                    result = OnceResult(exit_code=1, converge=None, fetch_error=exc)
-                timing = _timing(node)
-                if full_verify:
-                    next_verify = now + timing.cache_s
-                if do_fetch:
-                    if result.fetch_error is not None:
-                        failures += 1
-                        next_fetch = time.monotonic() + backoff(failures, timing, rng)
-                    else:
-                        failures = 0
-                        next_fetch = time.monotonic() + jittered(timing.poll_s, rng)
-                cycles += 1
-                if max_cycles is not None and cycles >= max_cycles:
-                    break
-                # An error raised through an edge (Podman, httpx) keeps its traceback, and the
-                # frames in it keep the connection they used: a reference cycle that Python
-                # frees only at a full collection, rare in a loop that allocates little. One
-                # per cycle, while idle, so no socket or memory outlives the pass that used it.
-                gc.collect()
-                # Drift repair runs every poll interval even while fetches back off.
-                pause = max(0.0, min(next_fetch - time.monotonic(), jittered(timing.poll_s, rng)))
-                wake.wait(pause)
-                wake.clear()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            _run(
+                node, load_settings, signals=signals, wait_s=wait_s, max_cycles=max_cycles, rng=rng
+            )
     log.info("watch: stopped")
     return 0
+
+
+def _run(
+    node: Node,
+    load_settings: Callable[[], Settings],
+    *,
+    signals: _Signals,
+    wait_s: float,
+    max_cycles: int | None,
+    rng: random.Random,
+) -> None:
+    """Cycle, then sleep until the schedule or a signal says so, until stopped."""
+    schedule = Schedule.start(now=time.monotonic(), timing=_timing(node))
+    cycles = 0
+    while not signals.stop.is_set():
+        if signals.reload.is_set():
+            signals.reload.clear()
+            schedule = schedule.fetch_now()
+            node = _reread(node, load_settings)
+        started = time.monotonic()
+        due = schedule.due(started)
+        result = _locked_cycle(node, due=due, wait_s=wait_s)
+        timing = _timing(node)
+        schedule = schedule.after_cycle(
+            due=due,
+            started=started,
+            now=time.monotonic(),
+            fetch_failed=result.fetch_error is not None,
+            timing=timing,
+            rng=rng,
+        )
+        cycles += 1
+        if max_cycles is not None and cycles >= max_cycles:
+            break
+        # An error raised through an edge (Podman, httpx) keeps its traceback, and the
+        # frames in it keep the connection they used: a reference cycle that Python
+        # frees only at a full collection, rare in a loop that allocates little. One
+        # per cycle, while idle, so no socket or memory outlives the pass that used it.
+        gc.collect()
+        signals.wake.wait(schedule.pause_s(now=time.monotonic(), timing=timing, rng=rng))
+        signals.wake.clear()
+
+
+def _reread(node: Node, load_settings: Callable[[], Settings]) -> Node:
+    """The node with the settings read anew; the old one if the new settings are bad."""
+    try:
+        fresh = Node(load_settings())
+    except ReconcilerError as exc:
+        log.error("watch: keeping the old settings: %s", exc.one_line())
+        return node
+    log.info("watch: settings re-read")
+    return fresh
+
+
+def _locked_cycle(node: Node, *, due: Due, wait_s: float) -> OnceResult:
+    """One cycle under the agent lock; an error it raises is logged and counts as failed."""
+    try:
+        with state_lock(node.paths.lock, wait_s=max(wait_s, 60.0)):
+            node.reload()
+            return _cycle(node, offline=False, do_fetch=due.fetch, full_verify=due.verify)
+    except ReconcilerError as exc:
+        log.error("watch: %s", exc.one_line())
+        return OnceResult(exit_code=1, converge=None, fetch_error=exc)

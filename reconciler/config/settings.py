@@ -56,10 +56,6 @@ class Settings:
     def effective_podman_url(self) -> str:
         return self.podman_url or os.environ.get("CONTAINER_HOST") or DEFAULT_PODMAN_URL
 
-    @property
-    def state_path(self) -> Path:
-        return Path(self.state_dir)
-
     def normalised_origin(self) -> str | None:
         if self.origin is None:
             return None

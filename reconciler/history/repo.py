@@ -1,21 +1,22 @@
 """The state repository (contract §4): every accepted snapshot is a git commit.
 
-Edge module (pygit2): pygit2's exceptions stay inside and become ``HistoryError`` (libgit2
-reports a full disk or a read-only folder as ``OSError``: those too). It stores
+Edge module (pygit2): pygit2's exceptions stay inside ``history`` and become ``HistoryError``
+(libgit2 reports a full disk or a read-only folder as ``OSError``: those too). ``History`` stores
 and reads commits, moves ``main``, appends receipt notes; it decides nothing about trust.
 
 Layout:
 * a non-bare repository whose work tree is kept checked out at ``main`` (so that an operator's
   ``git checkout`` or ``git reset`` behaves as in any repository);
 * each commit's tree holds ``snapshot.json`` (the verified payload bytes) and ``envelope.json``
-  (the envelope bytes as served), its message carries the trailers of contract §4;
-* ``refs/snapshots/<hex>`` names the first commit of each accepted digest;
-* ``refs/reconciler/accepted`` names the commit of the highest serial ever accepted: the
-  anti-rollback floor lives outside ``main`` so a reset HEAD cannot lower it;
-* ``refs/notes/applied`` holds one line per apply attempt (signed receipts).
+  (the envelope bytes as served), its message carries the trailers of contract §4
+  (``history.trailers``);
+* the refs ``main``, ``refs/snapshots/<hex>`` and the anti-rollback floor
+  ``refs/reconciler/accepted`` (``history.refs``);
+* ``refs/notes/applied`` holds one line per apply attempt (signed receipts, ``history.notes``).
 
 Every write happens with the agent lock held (``reconciler.lock``), so a git lock file or a
-scratch object found before a write was left by a writer that was killed: it is removed.
+scratch object found before a write was left by a writer that was killed: it is removed
+(``history.leftovers``).
 
 ``main`` moves only through ``advance`` (a compare-and-swap on the expected tip, under the
 node's lock file), and libgit2 fsyncs the git directory.
@@ -24,81 +25,31 @@ node's lock file), and libgit2 fsyncs the git directory.
 from __future__ import annotations
 
 import re
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pygit2
 
 from reconciler.core.errors import HistoryError
+from reconciler.history.leftovers import clear_stale_locks, discard_interrupted_writes
+from reconciler.history.notes import ReceiptNotes
+from reconciler.history.refs import MAIN, Refs
+from reconciler.history.trailers import CommitInfo, StoredSnapshot, commit_info, commit_message
 
 __all__ = ["CommitInfo", "History", "StoredSnapshot"]
 
 pygit2.settings.enable_fsync_gitdir(True)
 
-MAIN = "refs/heads/main"
-ACCEPTED = "refs/reconciler/accepted"
-NOTES = "refs/notes/applied"
 SNAPSHOT_FILE = "snapshot.json"
 ENVELOPE_FILE = "envelope.json"
 _IDENTITY = ("reconciler", "reconciler@localhost")
-# The reflog message of every move of main by the agent (``_move_main``).
+# The reflog message of every move of main by the agent (``_reflog``).
 _AGENT_REFLOG = re.compile(r"^(fetch|rollback|resume): serial \d+$")
 
 
-@dataclass(frozen=True)
-class StoredSnapshot:
-    """What ``store`` needs of a verified snapshot (kept free of the trust types on purpose)."""
-
-    digest: str
-    serial: int
-    network: str
-    root_version: int
-    signed_by: tuple[str, ...]
-    payload: bytes
-    envelope: bytes
-
-
-@dataclass(frozen=True)
-class CommitInfo:
-    oid: str
-    digest: str
-    serial: int
-    network: str
-    root_version: int
-    signed_by: tuple[str, ...]
-    reason: str
-    time: int  # commit time, epoch seconds
-
-    @property
-    def hex(self) -> str:
-        return self.digest.removeprefix("sha256:")
-
-
-def _trailers(message: str) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for line in message.splitlines():
-        key, sep, value = line.partition(": ")
-        if sep and key and " " not in key:
-            found[key] = value.strip()
-    return found
-
-
-def _message(stored: StoredSnapshot, reason: str) -> str:
-    verb = {"fetch": "Accept", "rollback": "Roll back to", "resume": "Resume at"}.get(
-        reason, reason
-    )
-    return (
-        f"{verb} snapshot {stored.serial} ({stored.digest[:19]}…)\n\n"
-        f"Config-Digest: {stored.digest}\n"
-        f"Serial: {stored.serial}\n"
-        f"Network: {stored.network}\n"
-        f"Root-Version: {stored.root_version}\n"
-        f"Signed-By: {', '.join(sorted(stored.signed_by))}\n"
-        f"Reason: {reason}\n"
-    )
+def _reflog(reason: str, serial: int) -> str:
+    return f"{reason}: serial {serial}"
 
 
 class History:
@@ -106,6 +57,8 @@ class History:
 
     def __init__(self, repo: pygit2.Repository) -> None:
         self._repo = repo
+        self._refs = Refs(repo)
+        self._notes = ReceiptNotes(repo)
 
     @classmethod
     def open(cls, path: Path, *, create: bool = False) -> History:
@@ -137,22 +90,7 @@ class History:
 
     def info(self, oid: str | pygit2.Oid) -> CommitInfo:
         commit = self._commit(oid)
-        t = _trailers(commit.message)
-        try:
-            return CommitInfo(
-                oid=str(commit.id),
-                digest=t["Config-Digest"],
-                serial=int(t["Serial"]),
-                network=t["Network"],
-                root_version=int(t["Root-Version"]),
-                signed_by=tuple(s.strip() for s in t["Signed-By"].split(",") if s.strip()),
-                reason=t["Reason"],
-                time=commit.commit_time,
-            )
-        except (KeyError, ValueError) as exc:
-            raise HistoryError(
-                f"commit {str(commit.id)[:12]} lacks the reconciler trailers"
-            ) from exc
+        return commit_info(commit.message, oid=str(commit.id), time=commit.commit_time)
 
     def blobs(self, oid: str) -> tuple[bytes, bytes]:
         """(snapshot.json bytes, envelope.json bytes) of a commit."""
@@ -167,20 +105,8 @@ class History:
             self._repo[envelope.id].read_raw(),
         )
 
-    def _ref_target(self, name: str) -> str | None:
-        # pygit2 (1.21) keeps a reference to the name it looks up whenever the ref exists: each
-        # lookup with a freshly built string leaked that string, 128 bytes per poll for
-        # refs/snapshots/<hex> (bench/watch_memory.py, tracemalloc). Interned, every lookup of
-        # one ref passes the same string object, so the leak stays one string per ref.
-        name = sys.intern(name)
-        try:
-            ref = self._repo.lookup_reference(name)
-        except (KeyError, pygit2.InvalidSpecError):
-            return None
-        return str(ref.resolve().target)
-
     def main_tip(self) -> str | None:
-        return self._ref_target(MAIN)
+        return self._refs.target(MAIN)
 
     def head_oid(self) -> str | None:
         """What HEAD resolves to (the operator may have detached it with ``git checkout``)."""
@@ -210,20 +136,14 @@ class History:
         )
 
     def snapshot_ref(self, digest: str) -> str | None:
-        return self._ref_target(f"refs/snapshots/{digest.removeprefix('sha256:')}")
+        return self._refs.snapshot(digest)
 
     def snapshot_refs(self) -> dict[str, str]:
         """Every stored digest → the commit its ref names."""
-        refs: dict[str, str] = {}
-        for name in self._repo.references:
-            if name.startswith("refs/snapshots/"):
-                target = self._ref_target(name)
-                if target:
-                    refs["sha256:" + name.rsplit("/", 1)[1]] = target
-        return refs
+        return self._refs.snapshots()
 
     def accepted_floor(self) -> CommitInfo | None:
-        oid = self._ref_target(ACCEPTED)
+        oid = self._refs.floor()
         return self.info(oid) if oid else None
 
     def log(self, start: str | None = None, *, limit: int | None = None) -> Iterator[CommitInfo]:
@@ -274,21 +194,11 @@ class History:
             tree = builder.write()
             sig = self._signature()
             parents = [pygit2.Oid(hex=parent)] if parent else []
-            oid = self._repo.create_commit(None, sig, sig, _message(stored, reason), tree, parents)
+            message = commit_message(stored, reason=reason)
+            oid = self._repo.create_commit(None, sig, sig, message, tree, parents)
         except (pygit2.GitError, OSError) as exc:
             raise HistoryError(f"cannot write a commit: {exc}") from exc
         return str(oid)
-
-    def _set_ref(self, name: str, oid: str, *, expected: str | None, log: str) -> None:
-        """Compare-and-swap: the ref must still point where the caller saw it."""
-        current = self._ref_target(name)
-        if current != expected:
-            raise HistoryError(f"{name} moved under us (expected {expected}, found {current})")
-        self._clear_stale_locks(name, "packed-refs")
-        try:
-            self._repo.create_reference_direct(name, pygit2.Oid(hex=oid), True, message=log)
-        except (pygit2.GitError, OSError) as exc:
-            raise HistoryError(f"cannot update {name}: {exc}") from exc
 
     def store(self, stored: StoredSnapshot, *, advance: bool) -> tuple[str, bool]:
         """Commit an accepted snapshot. Returns (commit, moved main).
@@ -302,12 +212,12 @@ class History:
             return existing, False
         tip = self.main_tip()
         oid = self._write_commit(stored, reason="fetch", parent=tip)
-        self._set_ref(f"refs/snapshots/{stored.digest[7:]}", oid, expected=None, log="accept")
+        self._refs.name_snapshot(stored.digest, oid)
         floor = self.accepted_floor()
         if floor is None or stored.serial > floor.serial:
-            self._set_ref(ACCEPTED, oid, expected=floor.oid if floor else None, log="accept")
+            self._refs.raise_floor(oid, expected=floor.oid if floor else None)
         if advance:
-            self._move_main(oid, expected=tip, log=f"fetch: serial {stored.serial}")
+            self._move_main(oid, expected=tip, log=_reflog("fetch", stored.serial))
         return oid, advance
 
     def recommit(self, source: str, *, reason: str) -> str:
@@ -325,7 +235,7 @@ class History:
         )
         tip = self.main_tip()
         oid = self._write_commit(stored, reason=reason, parent=tip)
-        self._move_main(oid, expected=tip, log=f"{reason}: serial {info.serial}")
+        self._move_main(oid, expected=tip, log=_reflog(reason, info.serial))
         return oid
 
     def advance_to(self, oid: str) -> str:
@@ -339,24 +249,23 @@ class History:
         tip = self.main_tip()
         parents = [str(p) for p in commit.parent_ids]
         if parents[:1] == ([tip] if tip else []):
-            self._move_main(oid, expected=tip, log=f"fetch: serial {self.info(oid).serial}")
+            self._move_main(oid, expected=tip, log=_reflog("fetch", self.info(oid).serial))
             return oid
         return self.recommit(oid, reason="fetch")
 
     def reattach_main(self) -> None:
         """Point a detached HEAD back at ``main`` and check it out (used by ``resume``)."""
-        self._clear_stale_locks("HEAD", "index")
-        try:
-            self._repo.set_head(MAIN)
-            self._repo.checkout(MAIN, strategy=pygit2.GIT_CHECKOUT_FORCE)
-        except (pygit2.GitError, OSError) as exc:
-            raise HistoryError(f"cannot check out main: {exc}") from exc
+        self._check_out_main(attach=True)
 
     def _move_main(self, oid: str, *, expected: str | None, log: str) -> None:
-        self._set_ref(MAIN, oid, expected=expected, log=log)
-        self._clear_stale_locks("HEAD", "index")
+        self._refs.swap(MAIN, oid, expected=expected, log=log)
+        self._check_out_main(attach=False)
+
+    def _check_out_main(self, *, attach: bool) -> None:
+        """Check out ``main``; ``attach`` points HEAD at it even when HEAD names a branch."""
+        clear_stale_locks(Path(self._repo.path), "HEAD", "index")
         try:
-            if self._repo.head_is_detached or self._repo.head_is_unborn:
+            if attach or self._repo.head_is_detached or self._repo.head_is_unborn:
                 self._repo.set_head(MAIN)
             self._repo.checkout(MAIN, strategy=pygit2.GIT_CHECKOUT_FORCE)
         except (pygit2.GitError, OSError) as exc:
@@ -365,63 +274,19 @@ class History:
     # ---- receipts ------------------------------------------------------------------------
 
     def notes(self, oid: str) -> list[str]:
-        try:
-            note = self._repo.lookup_note(oid, NOTES)
-        except KeyError:
-            return []
-        return [line for line in note.message.splitlines() if line.strip()]
+        return self._notes.lines(oid)
 
     def append_note(self, oid: str, line: str) -> None:
-        lines = [*self.notes(oid), line]
-        sig = self._signature()
-        self._clear_stale_locks(NOTES)
-        try:
-            self._repo.create_note("\n".join(lines) + "\n", sig, sig, oid, NOTES, True)
-        except (pygit2.GitError, OSError) as exc:
-            raise HistoryError(f"cannot write the receipt note: {exc}") from exc
+        self._notes.append(oid, line, signature=self._signature())
 
     def noted_commits(self) -> list[str]:
-        try:
-            notes = self._repo.notes(NOTES)  # type: ignore[call-arg]
-            return [str(note.annotated_id) for note in notes]
-        except (KeyError, pygit2.GitError):
-            return []
+        return self._notes.commits()
 
     # ---- upkeep --------------------------------------------------------------------------
-
-    def _clear_stale_locks(self, *names: str) -> None:
-        """Delete ``<name>.lock`` files that a killed writer left in the git directory.
-
-        libgit2 writes a ref, HEAD or the index through ``<name>.lock`` and renames it into
-        place; a process killed in between leaves the lock, and every later update of that
-        name fails ("failed to lock file") until someone deletes it. Every writer of this
-        repository holds the agent lock (see the module docstring), so a lock file seen here
-        belongs to a writer that is gone.
-        """
-        gitdir = Path(self._repo.path)
-        for name in names:
-            (gitdir / f"{name}.lock").unlink(missing_ok=True)
 
     def discard_interrupted_writes(self) -> list[Path]:
         """Delete what a killed writer left in the git directory; returns what it removed.
 
-        libgit2 writes objects through ``tmp_object_git2_*`` scratch files (git never reads
-        them; only ``git gc`` would remove them, weeks later) and refs, HEAD and the index
-        through ``<name>.lock``. An interrupted checkout is finished. Call with the agent lock
-        held: then no other writer of this repository is mid-write.
+        Call with the agent lock held: then no other writer of this repository is mid-write.
         """
-        gitdir = Path(self._repo.path)
-        leftovers = [
-            *gitdir.glob("objects/**/tmp_object_git2_*"),
-            *gitdir.glob("refs/**/*.lock"),
-            *(gitdir / name for name in ("HEAD.lock", "index.lock", "packed-refs.lock")),
-        ]
-        removed = [path for path in leftovers if path.exists()]
-        for path in removed:
-            path.unlink(missing_ok=True)
-        if gitdir / "index.lock" in removed and not self._repo.head_is_unborn:
-            try:
-                self._repo.checkout("HEAD", strategy=pygit2.GIT_CHECKOUT_FORCE)
-            except (pygit2.GitError, OSError) as exc:
-                raise HistoryError(f"cannot check out HEAD: {exc}") from exc
-        return removed
+        return discard_interrupted_writes(self._repo)

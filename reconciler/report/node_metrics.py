@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from reconciler.core.documents import parse_time
+from reconciler.core.record import NodeState
 from reconciler.history.node import Node
 from reconciler.report.metrics import Metric, write_metrics
 
@@ -37,10 +38,43 @@ def node_metrics(
     node: Node, *, last_apply_s: float | None, now: float | None = None
 ) -> list[Metric]:
     now = time.time() if now is None else now
-    state = node.state
+    metrics = [
+        *_record_metrics(node.state, now=now),
+        *_counter_metrics(node.state),
+        Metric(
+            "reconciler_model_bytes_installed",
+            "Bytes of model blobs on disk.",
+            "gauge",
+            _blob_bytes(node),
+        ),
+    ]
+    metrics.extend(
+        Metric(
+            "reconciler_quarantined",
+            "A quarantined snapshot digest.",
+            "gauge",
+            1,
+            labels=(("digest", digest),),
+        )
+        for digest in node.state.quarantined
+    )
+    if last_apply_s is not None:
+        metrics.append(
+            Metric(
+                "reconciler_last_apply_duration_seconds",
+                "Wall time of the last pass.",
+                "gauge",
+                round(last_apply_s, 3),
+            )
+        )
+    return metrics
+
+
+def _record_metrics(state: NodeState, *, now: float) -> list[Metric]:
+    """The gauges read from the node record: what is applied, held, stale, quarantined."""
     since_fetch = now - parse_time(state.last_fetch_ok_at) if state.last_fetch_ok_at else -1
     stale = bool(state.last_head_expires and parse_time(state.last_head_expires) <= now)
-    metrics = [
+    return [
         Metric(
             "reconciler_applied_serial",
             "Serial of the last converged snapshot.",
@@ -74,6 +108,12 @@ def node_metrics(
             "gauge",
             len(state.quarantined),
         ),
+    ]
+
+
+def _counter_metrics(state: NodeState) -> list[Metric]:
+    """The record's counters (docs/status.md), as Prometheus counters."""
+    return [
         Metric(
             "reconciler_apply_failures_total",
             "Apply attempts that failed.",
@@ -92,33 +132,7 @@ def node_metrics(
             "counter",
             state.counters.get("rejections", 0),
         ),
-        Metric(
-            "reconciler_model_bytes_installed",
-            "Bytes of model blobs on disk.",
-            "gauge",
-            _blob_bytes(node),
-        ),
     ]
-    for digest in state.quarantined:
-        metrics.append(
-            Metric(
-                "reconciler_quarantined",
-                "A quarantined snapshot digest.",
-                "gauge",
-                1,
-                labels=(("digest", digest),),
-            )
-        )
-    if last_apply_s is not None:
-        metrics.append(
-            Metric(
-                "reconciler_last_apply_duration_seconds",
-                "Wall time of the last pass.",
-                "gauge",
-                round(last_apply_s, 3),
-            )
-        )
-    return metrics
 
 
 def write_node_metrics(node: Node, *, last_apply_s: float | None) -> None:

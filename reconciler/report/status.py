@@ -14,6 +14,7 @@ from typing import Any
 from reconciler import __version__
 from reconciler.core.documents import parse_time
 from reconciler.core.errors import HistoryError
+from reconciler.core.record import NodeState
 from reconciler.history.node import Node
 
 __all__ = ["format_log", "format_status", "status_report"]
@@ -43,26 +44,6 @@ def status_report(node: Node, *, now: float | None = None) -> dict[str, Any]:
     state = node.state
     head_oid = node.history.head_oid()
     head = _commit_view(node, head_oid)
-    expected = state.expected_head
-    moved = bool(head_oid and expected and head_oid != expected)
-    stale_since = state.last_head_expires
-    stale = bool(stale_since and parse_time(stale_since) <= now)
-    head_serial = head["serial"] if head and head["serial"] else 0
-    waiting = []
-    for digest in state.waiting:
-        oid = node.history.snapshot_ref(digest)
-        if oid is None:
-            continue
-        info = node.history.info(oid)
-        if info.serial > head_serial or digest != (head or {}).get("digest"):
-            waiting.append({"digest": digest, "serial": info.serial})
-    try:
-        public_key = node.paths.node_pub.read_text(encoding="ascii").strip()
-    except OSError:
-        public_key = None
-    approved = None
-    if head and head["digest"]:
-        approved = _approved_agent(node, head_oid)
     return {
         "network": node.network,
         "origin": node.settings.normalised_origin(),
@@ -76,14 +57,10 @@ def status_report(node: Node, *, now: float | None = None) -> dict[str, Any]:
         "converged": bool(
             state.converged and head is not None and state.applied_digest == head["digest"]
         ),
-        "hold": {
-            "active": state.hold or moved,
-            "reason": state.hold_reason
-            or (f"HEAD moved with git to {head_oid[:12]}" if moved and head_oid else None),
-        },
-        "waiting": waiting,
+        "hold": _hold_view(state, head_oid),
+        "waiting": _waiting_view(node, head),
         "quarantined": list(state.quarantined),
-        "stale": {"stale": stale, "since": stale_since if stale else None},
+        "stale": _stale_view(state, now),
         "last_accepted": {
             "serial": state.last_serial,
             "digest": state.last_digest,
@@ -93,15 +70,59 @@ def status_report(node: Node, *, now: float | None = None) -> dict[str, Any]:
         "last_error": _error_view(state.last_error),
         "last_rejection": _error_view(state.last_rejection),
         "models": _models_view(node),
-        "node_public_key": public_key,
-        "agent": {
-            "running": __version__,
-            "approved": approved,
-            "update_available": bool(approved and approved != __version__),
-            # The last run of the agent-update hook: {version, digest, exit_code, at} or None.
-            "update_hook": state.agent_update,
-        },
+        "node_public_key": _public_key(node),
+        "agent": _agent_view(node, head_oid if head and head["digest"] else None),
         "counters": dict(state.counters),
+    }
+
+
+def _hold_view(state: NodeState, head_oid: str | None) -> dict[str, Any]:
+    """Held by the record, or because HEAD is not where the agent last put it (git by hand)."""
+    expected = state.expected_head
+    moved = bool(head_oid and expected and head_oid != expected)
+    return {
+        "active": state.hold or moved,
+        "reason": state.hold_reason
+        or (f"HEAD moved with git to {head_oid[:12]}" if moved and head_oid else None),
+    }
+
+
+def _waiting_view(node: Node, head: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The stored snapshots not yet at HEAD (newer ones, or others held back)."""
+    head_serial = head["serial"] if head and head["serial"] else 0
+    waiting = []
+    for digest in node.state.waiting:
+        oid = node.history.snapshot_ref(digest)
+        if oid is None:
+            continue
+        info = node.history.info(oid)
+        if info.serial > head_serial or digest != (head or {}).get("digest"):
+            waiting.append({"digest": digest, "serial": info.serial})
+    return waiting
+
+
+def _stale_view(state: NodeState, now: float) -> dict[str, Any]:
+    since = state.last_head_expires
+    stale = bool(since and parse_time(since) <= now)
+    return {"stale": stale, "since": since if stale else None}
+
+
+def _public_key(node: Node) -> str | None:
+    try:
+        return node.paths.node_pub.read_text(encoding="ascii").strip()
+    except OSError:
+        return None
+
+
+def _agent_view(node: Node, head_oid: str | None) -> dict[str, Any]:
+    """The running agent against the version HEAD's snapshot approves (``updates.agent``)."""
+    approved = _approved_agent(node, head_oid)
+    return {
+        "running": __version__,
+        "approved": approved,
+        "update_available": bool(approved and approved != __version__),
+        # The last run of the agent-update hook: {version, digest, exit_code, at} or None.
+        "update_hook": node.state.agent_update,
     }
 
 
