@@ -29,6 +29,7 @@ from reconciler.core.documents import ModelFile, ModelSpec
 from reconciler.core.errors import DiskSpaceError, DownloadError, HashMismatchError
 from reconciler.core.paths import NodePaths
 from reconciler.models.download import new_client
+from reconciler.models.index import Index
 from reconciler.models.progress import ProgressReporter
 from reconciler.models.store import (
     INDEX_NAME,
@@ -383,13 +384,13 @@ def test_many_blobs_cost_a_few_index_saves_and_are_all_on_disk_when_fetch_return
     files = {f"part-{i:03d}": f"part {i}\n".encode() for i in range(60)}
     model = publish(file_server, "many", "v1", files)
     saves: list[int] = []
-    original = ModelStore._save
+    original = Index.save
 
-    def counted(self: ModelStore, index: object) -> None:
-        saves.append(len(getattr(index, "blobs", {})))
-        original(self, index)  # type: ignore[arg-type]
+    def counted(self: Index) -> None:
+        saves.append(len(self.contents().blobs))
+        original(self)
 
-    monkeypatch.setattr(ModelStore, "_save", counted)
+    monkeypatch.setattr(Index, "save", counted)
     fetched = store.fetch([model], client=client, base_url=file_server.url)
 
     assert len(fetched) == 60

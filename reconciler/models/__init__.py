@@ -1,4 +1,6 @@
 """The model store: content-addressed blobs, hard-linked trees, verified downloads.
 
-Independent of ``history`` and ``runtime``.
+Callers outside this package use ``store.ModelStore`` (and ``download.new_client``,
+``progress.ProgressReporter``); the other modules are the store's parts, described in
+``store``'s docstring. Independent of ``history`` and ``runtime``.
 """

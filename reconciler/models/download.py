@@ -1,8 +1,9 @@
 """Download one model file from its mirrors into a partial file, verifying while it arrives.
 
-Where it sits: the apply step asks the model store (``modelstore``) to fetch what is missing;
-the store calls ``download_file`` once per missing blob, each on a worker thread. This module
-is the HTTP edge (httpx) and also reads ``file://`` mirrors for air-gapped nodes.
+Where it sits: the apply step asks the model store to fetch what is missing; its fetcher
+(``reconciler.models.fetcher``) calls ``download_file`` once per missing blob, each on a
+worker thread. This module is the HTTP edge (httpx) and also reads ``file://`` mirrors for
+air-gapped nodes.
 
 What it guarantees:
 
@@ -22,7 +23,6 @@ bytes served are not the declared ones; the partial is deleted) or ``DiskSpaceEr
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import queue
@@ -38,6 +38,7 @@ from urllib.request import url2pathname
 import httpx
 
 from reconciler.core.errors import DiskSpaceError, DownloadError, HashMismatchError
+from reconciler.models.layout import digest_hex, is_disk_full
 
 __all__ = [
     "CHUNK_BYTES",
@@ -55,8 +56,6 @@ DEFAULT_READ_TIMEOUT_S = 30.0  # seconds without a single byte before a mirror c
 MAX_ROUNDS = 3  # passes over the mirror list while each pass still makes progress
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 def new_client(
@@ -117,20 +116,17 @@ def download_file(
     ``should_stop`` is polled after every network read; when it returns True the download
     ends with ``DownloadError`` (partial kept).
     """
-    match = _DIGEST.match(digest)
-    if match is None:
+    want = digest_hex(digest)
+    if want is None:
         raise ValueError(f"not a sha256 digest: {digest!r}")
-    want = match.group(1)
     name = label or f"{digest[:19]}…"
-    report = progress or _ignore
-    stop_at = time.monotonic() + deadline_s
     attempt = _Attempt(
         client=client,
         size=size,
-        stop_at=stop_at,
+        stop_at=time.monotonic() + deadline_s,
         connect_timeout_s=connect_timeout_s,
         read_timeout_s=read_timeout_s,
-        report=report,
+        report=progress or _ignore,
         should_stop=should_stop,
     )
     try:
@@ -139,20 +135,15 @@ def download_file(
         raise _local_error(exc, name=name, path=dest_partial) from exc
     failures: list[str] = []
     with partial:
-        report(partial.length)
-        try:
-            if partial.length == size and _finish_if_verified(partial, want, report):
-                return
-            mismatch = _from_mirrors(
-                attempt, partial, want=want, urls=urls, base_url=base_url, failures=failures
-            )
-        except OSError as exc:
-            # Disk full or unwritable: free what the partial holds rather than keep it for
-            # a resume; the node needs the space more than the download's progress.
-            partial.discard()
-            raise _local_error(exc, name=name, path=dest_partial) from exc
-        except _CancelledError as exc:
-            raise DownloadError(f"cannot download {name}: cancelled") from exc
+        mismatch = _fill(
+            attempt,
+            partial,
+            want=want,
+            urls=urls,
+            base_url=base_url,
+            failures=failures,
+            name=name,
+        )
         if partial.complete:
             return
         if mismatch is not None:
@@ -160,9 +151,41 @@ def download_file(
             # ones: say so (the model shows as Failed) and keep nothing from this round.
             partial.discard()
             raise HashMismatchError(f"{name} failed verification: {mismatch}")
+    raise _all_failed(name, failures)
+
+
+def _all_failed(name: str, failures: list[str]) -> DownloadError:
     last = failures[-1] if failures else "no mirror to try"
     more = f" (and {len(failures) - 1} earlier failure(s))" if len(failures) > 1 else ""
-    raise DownloadError(f"cannot download {name}: {last}{more}")
+    return DownloadError(f"cannot download {name}: {last}{more}")
+
+
+def _fill(
+    attempt: _Attempt,
+    partial: _Partial,
+    *,
+    want: str,
+    urls: Sequence[str],
+    base_url: str | None,
+    failures: list[str],
+    name: str,
+) -> str | None:
+    """Complete the partial file, or leave it as far as the mirrors got: the last content
+    mismatch, or None. Local errors become project errors here, the mirrors' do not."""
+    attempt.report(partial.length)
+    try:
+        if partial.length == attempt.size and _finish_if_verified(partial, want, attempt.report):
+            return None
+        return _from_mirrors(
+            attempt, partial, want=want, urls=urls, base_url=base_url, failures=failures
+        )
+    except OSError as exc:
+        # Disk full or unwritable: free what the partial holds rather than keep it for
+        # a resume; the node needs the space more than the download's progress.
+        partial.discard()
+        raise _local_error(exc, name=name, path=partial.path) from exc
+    except _CancelledError as exc:
+        raise DownloadError(f"cannot download {name}: cancelled") from exc
 
 
 def _ignore(_delta: int) -> None:
@@ -574,7 +597,7 @@ class _Partial:
 
 
 def _local_error(exc: OSError, *, name: str, path: Path) -> DownloadError | DiskSpaceError:
-    if exc.errno in _NO_SPACE:
+    if is_disk_full(exc):
         return DiskSpaceError(f"disk full while downloading {name} into {path.parent}")
     return DownloadError(f"cannot write {name} to {path}: {exc.strerror or exc}")
 

@@ -117,11 +117,6 @@ class ProgressReporter:
         self._last_step = 0
         self._drawn = False
 
-    @property
-    def done_bytes(self) -> int:
-        with self._lock:
-            return self._total.done
-
     def start(self, *, total_bytes: int, total_files: int) -> None:
         with self._lock:
             now = self._clock()
