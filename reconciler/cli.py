@@ -15,11 +15,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from reconciler import __version__
+
+if TYPE_CHECKING:
+    from reconciler.network.rollout import RolloutChange
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -411,7 +414,21 @@ def sign(key: str, out: str | None, envelope: str) -> None:
 )
 @click.option("--key", "keys", multiple=True, required=True, help="Sign with this key (repeat).")
 @click.option("--expires-in", default="7d", show_default=True, help="Lifetime of head.json.")
-@click.option("--refresh-head", is_flag=True, help="Only re-sign head.json with a later expires.")
+@click.option(
+    "--refresh-head",
+    is_flag=True,
+    help="Re-sign only head.json (later expires; rollout kept unless changed).",
+)
+@click.option(
+    "--wave",
+    "waves",
+    multiple=True,
+    metavar="AT=PERCENT",
+    help="A rollout wave (repeat): AT is now, +30m, +1h, +2d or YYYY-MM-DDTHH:MM:SSZ.",
+)
+@click.option("--rollout-salt", metavar="TEXT", help="Place nodes with this salt, not the digest.")
+@click.option("--pause", is_flag=True, help="With --refresh-head: freeze at the percent reached.")
+@click.option("--resume", is_flag=True, help="With --refresh-head: keep what opened, add --waves.")
 @click.argument("snapshot", required=False, type=click.Path(exists=True, dir_okay=False))
 @_mapped
 def publish(
@@ -419,24 +436,33 @@ def publish(
     keys: tuple[str, ...],
     expires_in: str,
     refresh_head: bool,
+    waves: tuple[str, ...],
+    rollout_salt: str | None,
+    pause: bool,
+    resume: bool,
     snapshot: str | None,
 ) -> None:
     """Sign SNAPSHOT (JSON) into ORIGIN as snapshots/<hex>.json and head.json."""
     from reconciler.core.documents import JsonError, loads_strict
     from reconciler.core.errors import SettingsError
     from reconciler.network.publish import parse_duration, publish_snapshot
-    from reconciler.network.publish import refresh_head as do_refresh
+    from reconciler.network.rollout import RolloutChange, parse_wave, schedule_line
 
     lifetime = parse_duration(expires_in)
     signers = _signers(keys)
+    now = time.time()
+    change = RolloutChange(
+        waves=tuple(parse_wave(w, now=now) for w in waves),
+        salt=rollout_salt,
+        pause=pause,
+        resume=resume,
+    )
     if refresh_head:
-        result = do_refresh(
-            Path(origin_dir), signers=signers, now=time.time(), expires_in_s=lifetime
-        )
-        click.echo(f"head.json re-signed: serial {result.serial}, expires {result.head_expires}")
+        _refresh(Path(origin_dir), signers=signers, now=now, lifetime=lifetime, change=change)
         return
     if snapshot is None:
         raise SettingsError("give a SNAPSHOT file, or --refresh-head")
+    rollout = change.new_rollout()
     try:
         document = loads_strict(Path(snapshot).read_bytes())
     except JsonError as exc:
@@ -444,9 +470,67 @@ def publish(
     if not isinstance(document, dict):
         raise SettingsError(f"{snapshot}: not a JSON object")
     result = publish_snapshot(
-        Path(origin_dir), document, signers=signers, now=time.time(), expires_in_s=lifetime
+        Path(origin_dir),
+        document,
+        signers=signers,
+        now=now,
+        expires_in_s=lifetime,
+        rollout=rollout,
     )
     click.echo(f"published serial {result.serial} {result.digest}")
+    if result.rollout is not None:
+        click.echo(schedule_line(result.rollout, now=now))
+
+
+def _refresh(
+    origin: Path, *, signers: list[Any], now: float, lifetime: int, change: RolloutChange
+) -> None:
+    from reconciler.network.publish import refresh_head
+    from reconciler.network.rollout import revise, schedule_line
+
+    result = refresh_head(
+        origin,
+        signers=signers,
+        now=now,
+        expires_in_s=lifetime,
+        revise=lambda current: revise(current, change, now=now),
+    )
+    click.echo(f"head.json re-signed: serial {result.serial}, expires {result.head_expires}")
+    if result.rollout is not None:
+        click.echo(schedule_line(result.rollout, now=now))
+
+
+@cli.command()
+@click.option(
+    "--head",
+    "head_path",
+    required=True,
+    type=click.Path(exists=True),
+    help="A head.json, or an origin folder holding one.",
+)
+@click.option(
+    "--nodes",
+    "node_paths",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="Node keys (repeat): .pub files, folders of them, or lists of hex keys.",
+)
+@click.option("--at", "at", metavar="TIME", help="Look at this time instead of now (+1h, …).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@_mapped
+def rollout(head_path: str, node_paths: tuple[str, ...], at: str | None, as_json: bool) -> None:
+    """Show a head's rollout: when each wave opens, and each node's position and wave."""
+    from reconciler.network.rollout import parse_moment, read_head, read_node_keys, view_rollout
+
+    now = time.time()
+    moment = parse_moment(at, now=now) if at is not None else now
+    view = view_rollout(
+        read_head(Path(head_path)), read_node_keys(Path(p) for p in node_paths), now=moment
+    )
+    if as_json:
+        click.echo(json.dumps(view.to_json(), sort_keys=True))
+    else:
+        click.echo("\n".join(view.describe()))
 
 
 def main() -> None:

@@ -87,6 +87,20 @@ def _head() -> dict[str, Any]:
     }
 
 
+def _head_with_rollout() -> dict[str, Any]:
+    return {
+        **_head(),
+        "rollout": {
+            "salt": "canaries-2024",
+            "waves": [
+                {"at": "2024-03-01T00:00:00Z", "percent": 1},
+                {"at": "2024-03-01T06:00:00Z", "percent": 25},
+                {"at": "2024-03-02T00:00:00Z", "percent": 100},
+            ],
+        },
+    }
+
+
 def _root() -> dict[str, Any]:
     return RepositorySimulator(now=1_700_000_000).root_payload(2, keys=["k1", "k2"], threshold=2)
 
@@ -122,6 +136,7 @@ SEEDS: list[tuple[SchemaName, dict[str, Any]]] = [
     ("snapshot", _snapshot()),
     ("snapshot", _docs_example()),
     ("head", _head()),
+    ("head", _head_with_rollout()),
     ("root", _root()),
     ("settings", _settings()),
 ]
@@ -340,6 +355,16 @@ def test_the_fast_path_never_accepts_what_jsonschema_refuses(
         ("head", {"serial": True}),
         ("head", {"serial": 7.0}),
         ("head", {"config_digest": "sha256:" + "ab" * 32 + "\n"}),
+        ("head", {"rollout": {"waves": []}}),
+        ("head", {"rollout": {"waves": [{"at": "2024-03-01T00:00:00Z", "percent": 101}]}}),
+        ("head", {"rollout": {"waves": [{"at": "2024-02-30T00:00:00Z", "percent": 1}]}}),
+        ("head", {"rollout": {"waves": [{"at": "2024-03-01T00:00:00Z", "percent": True}]}}),
+        (
+            "head",
+            {"rollout": {"salt": "", "waves": [{"at": "2024-03-01T00:00:00Z", "percent": 1}]}},
+        ),
+        ("head", {"rollout": {"waves": [{"at": "2024-03-01T00:00:00Z", "percent": 1}] * 33}}),
+        ("head", {"rollout": {"waves": [{"at": "2024-03-01T00:00:00Z", "percent": 1}], "x": 1}}),
         ("root", {"threshold": 0}),
         ("root", {"keys": []}),
         ("settings", {"origin": "https://h/a b"}),

@@ -13,7 +13,10 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from reconciler.core.rollout import Rollout
 
 __all__ = [
     "Head",
@@ -156,15 +159,20 @@ class Head:
     config_digest: str
     issued_at: int
     expires: int
+    rollout: Rollout | None = None  # None: every node takes the snapshot at once (§8)
 
     @classmethod
     def from_payload(cls, obj: dict[str, Any]) -> Head:
+        # Imported here: the rollout module uses this module's time functions.
+        from reconciler.core.rollout import Rollout
+
         return cls(
             network=obj["network"],
             serial=obj["serial"],
             config_digest=obj["config_digest"],
             issued_at=parse_time(obj["issued_at"]),
             expires=parse_time(obj["expires"]),
+            rollout=Rollout.from_payload(obj["rollout"]) if "rollout" in obj else None,
         )
 
 

@@ -122,10 +122,20 @@ def validate(name: SchemaName, document: object) -> None:
     if error is None:
         return
     where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-    message = error.message
+    message = _too_long(error) or error.message
     if len(message) > 200:
         message = message[:197] + "..."
     raise SchemaError(f"{where}: {message}")
+
+
+def _too_long(error: Any) -> str | None:
+    """A count instead of the value: jsonschema's message starts with the whole value, and a
+    list of 33 rollout waves cut at 200 characters would never reach the words "too long"."""
+    if error.validator == "maxItems" and isinstance(error.instance, list):
+        return f"{len(error.instance)} items, at most {error.validator_value} allowed"
+    if error.validator == "maxLength" and isinstance(error.instance, str):
+        return f"{len(error.instance)} characters, at most {error.validator_value} allowed"
+    return None
 
 
 # ---- a fast "certainly valid" ----------------------------------------------------------------

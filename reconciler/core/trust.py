@@ -7,6 +7,7 @@ one value per fetch), no logging. Every failure is a ``RejectedError`` naming th
 Invariants:
 * Checks run in the contract's order and the first failure rejects: size → (root rotation) →
   envelope shape and payloadType → threshold of distinct trusted keys → schema and network →
+  the rules no schema states (a head's rollout waves, a root's keys, a snapshot's names) →
   expiry → serial → snapshot digest and serial.
 * A root N+1 is trusted only when signed by a threshold of root N's keys *and* of its own,
   with version exactly N+1; only the final root of a walk must be unexpired.
@@ -215,7 +216,7 @@ def verify_head(
     _check_size(document, data, limits.head_max_bytes)
     envelope = _open(document, data, HEAD_TYPE)
     signed_by = _require_threshold(document, envelope, root.key_by_id(), root.threshold, "trusted")
-    head = Head.from_payload(_payload(document, envelope.payload, "head", network))
+    head = _head_from(document, _payload(document, envelope.payload, "head", network))
     _check_expiry(document, head.expires, now, limits.clock_skew_s)
     if head.serial < last_serial:
         raise RejectedError(
@@ -227,6 +228,15 @@ def verify_head(
             f"serial {head.serial} was already accepted with another digest ({last_digest})",
         )
     return VerifiedHead(head=head, envelope=data, payload=envelope.payload, signed_by=signed_by)
+
+
+def _head_from(document: str, obj: dict[str, Any]) -> Head:
+    # The rollout rules a schema cannot state (wave times rising, percents not falling) are
+    # checked as the Head is built; a break is a rejection like any schema failure.
+    try:
+        return Head.from_payload(obj)
+    except ValueError as exc:
+        raise RejectedError(document, str(exc)) from exc
 
 
 def _snapshot_from(document: str, obj: dict[str, Any]) -> Snapshot:

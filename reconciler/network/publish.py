@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from reconciler.core.documents import (
+    Head,
     JsonError,
     Root,
     Snapshot,
@@ -36,11 +37,13 @@ from reconciler.core.envelope import (
     seal,
 )
 from reconciler.core.errors import SettingsError
+from reconciler.core.rollout import Rollout
 from reconciler.core.schema import SchemaError, SchemaName, validate
 from reconciler.disk.atomic import write_atomic
 
 __all__ = [
     "Published",
+    "RolloutRevision",
     "canonical_json",
     "make_root",
     "parse_duration",
@@ -54,6 +57,11 @@ class Published:
     digest: str
     serial: int
     head_expires: str
+    rollout: Rollout | None = None  # what head.json now carries
+
+
+# The current head's rollout in, the one the re-signed head carries out.
+RolloutRevision = Callable[[Rollout | None], Rollout | None]
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -141,16 +149,23 @@ def _write_head(
     digest: str,
     now: float,
     expires: int,
+    rollout: Rollout | None,
     signers: Sequence[SigningKey],
 ) -> None:
-    head = {
+    head: dict[str, Any] = {
         "network": network,
         "serial": serial,
         "config_digest": digest,
         "issued_at": format_time(now),
         "expires": format_time(expires),
     }
+    if rollout is not None:
+        head["rollout"] = rollout.to_payload()
     _checked("head", head)
+    try:
+        Head.from_payload(head)
+    except ValueError as exc:
+        raise SettingsError(f"refusing to sign this head: {exc}") from exc
     envelope = seal(HEAD_TYPE, canonical_json(head), signers)
     _wait_for_a_new_second(origin / "head.json")
     write_atomic(origin / "head.json", envelope)
@@ -163,8 +178,9 @@ def publish_snapshot(
     signers: Sequence[SigningKey],
     now: float,
     expires_in_s: int,
+    rollout: Rollout | None = None,
 ) -> Published:
-    """Sign ``snapshot`` and make it the origin's head.
+    """Sign ``snapshot`` and make it the origin's head, staged by ``rollout`` if given.
 
     ``serial`` defaults to the current head's + 1, ``issued_at`` to now and ``expires`` to
     now + ``expires_in_s``; ``network`` must be given. A serial that does not go up is refused.
@@ -198,18 +214,37 @@ def publish_snapshot(
         digest=digest,
         now=now,
         expires=expires,
+        rollout=rollout,
         signers=signers,
     )
-    return Published(digest=digest, serial=document["serial"], head_expires=format_time(expires))
+    return Published(
+        digest=digest,
+        serial=document["serial"],
+        head_expires=format_time(expires),
+        rollout=rollout,
+    )
 
 
 def refresh_head(
-    origin: Path, *, signers: Sequence[SigningKey], now: float, expires_in_s: int
+    origin: Path,
+    *,
+    signers: Sequence[SigningKey],
+    now: float,
+    expires_in_s: int,
+    revise: RolloutRevision | None = None,
 ) -> Published:
-    """Re-sign ``head.json`` with a later ``expires``: same serial, same digest."""
+    """Re-sign ``head.json`` with a later ``expires``: same serial, same digest.
+
+    The head keeps its rollout unless ``revise`` gives it another one. Nodes accept the same
+    serial again only with the same digest, which this keeps, so a rollout can be paused or
+    re-timed without publishing a new snapshot.
+    """
     previous = _previous_head(origin)
     if previous is None:
         raise SettingsError(f"{origin} has no head.json to refresh")
+    rollout = _rollout_of(origin, previous)
+    if revise is not None:
+        rollout = revise(rollout)
     expires = int(now + expires_in_s)
     _write_head(
         origin,
@@ -218,10 +253,22 @@ def refresh_head(
         digest=previous["config_digest"],
         now=now,
         expires=expires,
+        rollout=rollout,
         signers=signers,
     )
     return Published(
         digest=previous["config_digest"],
         serial=previous["serial"],
         head_expires=format_time(expires),
+        rollout=rollout,
     )
+
+
+def _rollout_of(origin: Path, head: dict[str, Any]) -> Rollout | None:
+    if "rollout" not in head:
+        return None
+    try:
+        validate("head", head)
+        return Rollout.from_payload(head["rollout"])
+    except (SchemaError, ValueError) as exc:
+        raise SettingsError(f"{origin / 'head.json'} has an invalid rollout: {exc}") from exc
