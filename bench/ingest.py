@@ -12,12 +12,13 @@ median fetch times, large history over small.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import pygit2
 
 from bench.harness import Baseline, Context, Result, Target, load_average, median
 from bench.network import BenchNode, SignedOrigin, snapshot_body
+from reconciler.core.documents import format_time
+from reconciler.core.record import AcceptedHead, fetch_succeeded
 from reconciler.history.repo import StoredSnapshot
 from reconciler.intake.fetch import fetch
 from tests.support.signing import Release
@@ -46,15 +47,17 @@ def _store_history(bench_node: BenchNode, releases: list[Release], keyid: str) -
     finally:
         pygit2.settings.enable_fsync_gitdir(True)
     last = releases[-1]
-    # What intake would have recorded after accepting the last of them.
-    node.save(
-        replace(
-            node.state,
-            last_serial=last.serial,
-            last_digest=last.digest,
-            expected_head=history.head_oid(),
-        )
+    # What intake would have recorded after accepting the last of them (the head's expiry
+    # and ETag do not matter here: the timed fetch replaces them).
+    accepted = AcceptedHead(
+        serial=last.serial,
+        digest=last.digest,
+        expires=format_time(time.time() + 3600),
+        etag=None,
+        new_head=history.head_oid(),
+        waiting=False,
     )
+    node.save(fetch_succeeded(node.state, at=format_time(time.time()), head=accepted))
 
 
 def _fetch_once(bench_node: BenchNode) -> float:

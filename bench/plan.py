@@ -3,12 +3,14 @@
 Two things are timed, each at 1x and 10x, and both get the targets (≤ 50 ms at 1x, growth
 ≤ 12x):
 
-* ``plan.pure_*`` — ``reconciler.plan.plan(desired, observed)``, the pure container plan;
-* ``plan.with_models_*`` — ``apply.compute_plan``: the runtime files compared with
-  ``runtime/``, the same ``plan()``, and the model side (``is_installed`` of every model: a walk
-  and an ``lstat`` per file, with the store's index loaded fresh, then the installed trees
-  listed). Podman's answer is the one thing not measured: the edge hands over a prepared list
-  of observed containers (that round trip is part of the no-op pass benchmark).
+* ``plan.pure_*`` — ``core.containerplan.plan_containers(desired, observed)``, the pure
+  container plan;
+* ``plan.with_models_*`` — ``apply.nodeplan.plan_node``: the runtime files compared with
+  ``runtime/``, the same ``plan_containers()``, and the model side (``is_installed`` of every
+  model: a walk and an ``lstat`` per file, with the store's index loaded fresh, then the
+  installed trees listed). Podman's answer is the one thing not measured: the edge hands over
+  a prepared list of observed containers (that round trip is part of the no-op pass
+  benchmark).
 
 The node is converged, so every plan comes out empty, which is what a node computes on almost
 every pass. A full garbage collection runs before each timed call, so that one call does not
@@ -30,12 +32,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from bench.harness import Baseline, Context, Result, Target, load_average, median
-from reconciler.apply.transaction import Desired, compute_plan
-from reconciler.core.containerplan import ObservedContainer, plan
+from reconciler.apply.edges import StoreEdge
+from reconciler.apply.nodeplan import plan_node
+from reconciler.apply.target import ApplyTarget
+from reconciler.config.settings import Settings
+from reconciler.core.containerplan import ObservedContainer, plan_containers
 from reconciler.core.documents import Snapshot, format_time
 from reconciler.core.participation import participation, runtime_files
 from reconciler.core.paths import NodePaths
@@ -52,7 +56,7 @@ _CONFIG_DIGEST = "sha256:" + "cd" * 32
 @dataclass(frozen=True)
 class _Scene:
     paths: NodePaths
-    desired: Desired
+    target: ApplyTarget
     observed: list[ObservedContainer]
 
 
@@ -150,7 +154,7 @@ def _scene(folder: Path, runtimes: int) -> _Scene:
         )
         for spec in specs
     ]
-    desired = Desired(
+    target = ApplyTarget(
         commit="0" * 40,
         digest=_CONFIG_DIGEST,
         serial=1,
@@ -160,17 +164,22 @@ def _scene(folder: Path, runtimes: int) -> _Scene:
         view=view,
         files=files,
     )
-    return _Scene(paths=paths, desired=desired, observed=observed)
+    return _Scene(paths=paths, target=target, observed=observed)
 
 
 def _time_compute_plan(scene: _Scene, runs: int) -> tuple[list[float], Any]:
-    node = SimpleNamespace(paths=scene.paths)
     edge = _PreparedEdge(scene.observed)
     samples, result = [], None
     for _ in range(runs + 1):
         gc.collect()
         started = time.perf_counter()
-        result = compute_plan(node, scene.desired, edge=edge, store=ModelStore(scene.paths))  # type: ignore[arg-type]
+        models = StoreEdge(ModelStore(scene.paths), settings=Settings())
+        result = plan_node(
+            scene.target,
+            runtime_dir=scene.paths.runtime,
+            runtime=edge,  # type: ignore[arg-type]
+            models=models,
+        )
         samples.append(time.perf_counter() - started)
     return samples[1:], result
 
@@ -180,7 +189,7 @@ def _time_pure_plan(scene: _Scene, runs: int) -> list[float]:
     for _ in range(runs + 1):
         gc.collect()
         started = time.perf_counter()
-        result = plan(scene.desired.containers, scene.observed)
+        result = plan_containers(scene.target.containers, scene.observed)
         samples.append(time.perf_counter() - started)
         if not result.empty:
             raise RuntimeError("plan: the prepared node is not converged")

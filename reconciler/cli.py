@@ -217,7 +217,9 @@ def _setup_logging(log_format: str) -> None:
 @_mapped
 def plan(ctx: _Context, as_json: bool, exit_code: bool) -> None:
     """Show what converging to HEAD would do (contacts no origin, mirror or registry)."""
-    from reconciler.apply.transaction import compute_plan, load_desired, open_edge
+    from reconciler.apply.edges import StoreEdge, open_edge
+    from reconciler.apply.nodeplan import plan_node
+    from reconciler.apply.target import load_target
     from reconciler.models.store import ModelStore
 
     node = ctx.node()
@@ -225,13 +227,14 @@ def plan(ctx: _Context, as_json: bool, exit_code: bool) -> None:
     if head is None:
         click.echo(json.dumps({"empty": True, "head": None}) if as_json else "no snapshot yet")
         return
-    desired = load_desired(node, head)
+    target = load_target(node, head)
+    models = StoreEdge(ModelStore(node.paths), settings=node.settings)
     with open_edge(node) as edge:
-        node_plan = compute_plan(node, desired, edge=edge, store=ModelStore(node.paths))
+        node_plan = plan_node(target, runtime_dir=node.paths.runtime, runtime=edge, models=models)
     if as_json:
         click.echo(json.dumps(node_plan.to_json(), sort_keys=True))
     else:
-        click.echo(f"HEAD serial {desired.serial} {desired.digest}")
+        click.echo(f"HEAD serial {target.serial} {target.digest}")
         lines = node_plan.describe()
         click.echo("\n".join(f"  {line}" for line in lines) if lines else "  nothing to do")
     if exit_code and not node_plan.empty:

@@ -22,13 +22,14 @@ from typing import Any
 import pytest
 
 from tests.support.fileserver import FileServer
-from tests.support.origin_fixtures import NodeUnderTest, stock_git
+from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.podman_fixtures import PodmanService
 from tests.support.scenarios import (
     HEALTHY,
     UNHEALTHY,
     containers,
     converged,
+    forge_commit,
     head,
     node_env,
     once,
@@ -527,29 +528,6 @@ def test_head_moved_with_stock_git_is_reverified_applied_and_held(
     assert node.git("symbolic-ref", "HEAD").strip() == "refs/heads/main"
 
 
-def _forge_commit(node: NodeUnderTest, *, like: str, envelope: bytes) -> str:
-    """A commit made with stock git plumbing: ``like``'s snapshot.json, trailers and parent,
-    with another envelope.json."""
-    tree_listing = node.git("ls-tree", like)
-    snapshot_blob = next(
-        line.split()[2] for line in tree_listing.splitlines() if line.endswith("snapshot.json")
-    )
-    envelope_file = node.home / "forged-envelope.json"
-    envelope_file.write_bytes(envelope)
-    envelope_blob = node.git("hash-object", "-w", str(envelope_file)).strip()
-    tree = _git_input(
-        node,
-        ["mktree"],
-        f"100644 blob {envelope_blob}\tenvelope.json\n100644 blob {snapshot_blob}\tsnapshot.json\n",
-    )
-    message = node.git("log", "-1", "--format=%B", like)
-    return _git_input(node, ["commit-tree", tree, "-p", like], message)
-
-
-def _git_input(node: NodeUnderTest, args: list[str], text: str) -> str:
-    return stock_git(node.repo, *args, stdin=text.encode()).decode().strip()
-
-
 def test_a_commit_with_a_tampered_envelope_is_never_applied(
     node: NodeUnderTest,
     publish: Publish,
@@ -569,7 +547,7 @@ def test_a_commit_with_a_tampered_envelope_is_never_applied(
     forged_payload = json.dumps(payload).encode()
     forged = simulator.sign("application/vnd.resultity.snapshot+json", forged_payload, ["mallory"])
     for bad_envelope in (forged, first.snapshot.replace(b'"sig": "', b'"sig": "AAAA')):
-        bad = _forge_commit(node, like=good, envelope=bad_envelope)
+        bad = forge_commit(node, like=good, envelope=bad_envelope)
         node.git("reset", "--hard", bad)
 
         outcome = once(node, env)

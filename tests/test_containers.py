@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.core.containerplan import Plan, plan
+from reconciler.core.containerplan import ContainerPlan, plan_containers
 from reconciler.core.errors import (
     ContainerError,
     PodmanUnavailableError,
@@ -75,16 +75,16 @@ class Node:
 
     def plan(
         self, runtimes: Sequence[dict[str, Any]], notify: frozenset[str] = frozenset()
-    ) -> tuple[Plan, list[Any]]:
+    ) -> tuple[ContainerPlan, list[Any]]:
         specs = self.specs(runtimes)
-        return plan(specs, self.edge.observe(), notify_runtimes=notify), specs
+        return plan_containers(specs, self.edge.observe(), notify_runtimes=notify), specs
 
     def converge(
         self, runtimes: Sequence[dict[str, Any]], notify: frozenset[str] = frozenset()
     ) -> list[ActionOutcome]:
         planned, specs = self.plan(runtimes, notify)
         outcomes = self.edge.apply(planned, specs)
-        after = plan(specs, self.edge.observe())
+        after = plan_containers(specs, self.edge.observe())
         assert after.empty, after.describe()
         return outcomes
 
@@ -546,7 +546,7 @@ def test_podman_socket_down_is_podman_unavailable_in_one_line(
             "observe": edge.observe,
             "ping": edge.ping,
             "pull": lambda: edge.pull(test_images["web"]),
-            "apply": lambda: edge.apply(plan(specs, []), specs),
+            "apply": lambda: edge.apply(plan_containers(specs, []), specs),
         }
         for what, call in calls.items():
             with pytest.raises(PodmanUnavailableError) as caught:

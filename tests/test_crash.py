@@ -1,7 +1,7 @@
 """Crash safety: ``reconcile once`` SIGKILLed at every step boundary and at random moments.
 
 The agent is killed through its test seam (``RECONCILER_TEST_DIE_AT=<step>``, see
-``reconciler.apply.CRASH_POINTS``), which SIGKILLs the process from inside, or from outside
+``reconciler.apply.crash.CRASH_POINTS``), which SIGKILLs the process from inside, or from outside
 after a random delay. After each kill the next ``once`` must converge, and the node must hold
 no trace of the crash: no temporary files, no ``-NEXT`` or duplicated containers, no partial
 downloads, a clean ``git fsck``, and receipts that tell what happened (an ``interrupted``
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.apply.transaction import CRASH_POINTS
+from reconciler.apply.crash import CRASH_POINTS
 from tests.support.fileserver import FileServer
 from tests.support.origin_fixtures import NodeUnderTest, stock_git
 from tests.support.podman_fixtures import PodmanService

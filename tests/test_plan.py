@@ -1,4 +1,4 @@
-"""plan.plan: desired specs + observed containers → ordered actions (pure, no Podman)."""
+"""plan_containers: desired specs + observed containers → ordered actions (pure, no Podman)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from reconciler.core.containerplan import Action, ObservedContainer, Plan, plan
+from reconciler.core.containerplan import Action, ContainerPlan, ObservedContainer, plan_containers
 from reconciler.core.paths import NodePaths
 from reconciler.core.specs import (
     LABEL_CONFIG_DIGEST,
@@ -61,7 +61,7 @@ A_SIGNAL = spec("a", notify="signal:HUP")
 B = spec("b", image=IMAGE_B)
 
 
-def kinds(result: Plan) -> list[tuple[str, str]]:
+def kinds(result: ContainerPlan) -> list[tuple[str, str]]:
     return [(action.kind, action.container) for action in result.actions]
 
 
@@ -236,7 +236,7 @@ def test_plan_table(
     notify: frozenset[str],
     expected: list[tuple[str, str]],
 ) -> None:
-    result = plan(desired, observed, notify_runtimes=notify)
+    result = plan_containers(desired, observed, notify_runtimes=notify)
     assert kinds(result) == expected
     assert result.empty == (not expected)
     assert result.conflicts == ()
@@ -245,8 +245,8 @@ def test_plan_table(
 def test_plan_does_not_depend_on_input_order() -> None:
     desired = [B, A_NEW_IMAGE, spec("c")]
     observed = [seen("reconciler-old", spec_of=spec("old")), seen("reconciler-a", spec_of=A)]
-    forward = plan(desired, observed)
-    backward = plan(desired[::-1], observed[::-1])
+    forward = plan_containers(desired, observed)
+    backward = plan_containers(desired[::-1], observed[::-1])
     assert forward == backward
 
 
@@ -254,7 +254,7 @@ def test_all_pulls_come_before_any_change() -> None:
     desired = [spec(f"r{i}", image=IMAGE_B) for i in range(5)]
     observed = [seen(f"reconciler-r{i}", spec_of=spec(f"r{i}")) for i in range(0, 5, 2)]
     observed.append(seen("reconciler-gone", spec_of=spec("gone")))
-    result = plan(desired, observed)
+    result = plan_containers(desired, observed)
     kinds_only = [a.kind for a in result.actions]
     last_pull = max(i for i, kind in enumerate(kinds_only) if kind == "pull")
     first_change = min(i for i, kind in enumerate(kinds_only) if kind != "pull")
@@ -269,7 +269,7 @@ def test_all_pulls_come_before_any_change() -> None:
 def test_replace_carries_the_runtimes_update_strategy(
     desired_spec: ContainerSpec, expected_strategy: str
 ) -> None:
-    (_, replace) = plan([desired_spec], [seen("reconciler-a", spec_of=A)]).actions
+    (_, replace) = plan_containers([desired_spec], [seen("reconciler-a", spec_of=A)]).actions
     assert replace.strategy == expected_strategy
     assert replace.container_id == "id-reconciler-a"
     assert replace.image == desired_spec.image
@@ -278,7 +278,7 @@ def test_replace_carries_the_runtimes_update_strategy(
 def test_recreating_a_paused_container_stops_it_first_whatever_the_strategy() -> None:
     start_first = spec("a", update="start-first")
     observed = [seen("reconciler-a", spec_of=start_first, state="paused")]
-    (_, replace) = plan([start_first], observed).actions
+    (_, replace) = plan_containers([start_first], observed).actions
     assert replace.strategy == "stop-first"
 
 
@@ -289,18 +289,18 @@ def test_recreating_a_paused_container_stops_it_first_whatever_the_strategy() ->
 )
 def test_notify_uses_the_runtimes_notify_setting(desired_spec: ContainerSpec, how: str) -> None:
     observed = [seen("reconciler-a", spec_of=desired_spec)]
-    (action,) = plan([desired_spec], observed, notify_runtimes=frozenset({"a"})).actions
+    (action,) = plan_containers([desired_spec], observed, notify_runtimes=frozenset({"a"})).actions
     assert (action.kind, action.notify, action.container_id) == ("notify", how, "id-reconciler-a")
 
 
 def test_pull_and_create_name_the_pinned_image() -> None:
-    pull, create = plan([B], []).actions
+    pull, create = plan_containers([B], []).actions
     assert pull.image == create.image == IMAGE_B
     assert (pull.runtime, create.runtime) == ("b", "b")
 
 
 def test_remove_names_the_runtime_from_its_label() -> None:
-    (remove,) = plan([], [seen("reconciler-old", spec_of=spec("old"))]).actions
+    (remove,) = plan_containers([], [seen("reconciler-old", spec_of=spec("old"))]).actions
     assert (remove.runtime, remove.container_id) == ("old", "id-reconciler-old")
 
 
@@ -309,7 +309,7 @@ def test_unmanaged_container_holding_a_desired_name_is_a_conflict_not_an_action(
         seen("reconciler-a", managed=False),
         seen("reconciler-b", spec_of=B, state="exited"),
     ]
-    result = plan([A, B], observed)
+    result = plan_containers([A, B], observed)
     assert kinds(result) == [("start", "reconciler-b")]
     (conflict,) = result.conflicts
     assert (conflict.runtime, conflict.container, conflict.container_id) == (
@@ -323,14 +323,14 @@ def test_unmanaged_container_holding_a_desired_name_is_a_conflict_not_an_action(
 
 def test_no_action_ever_targets_an_unmanaged_container() -> None:
     unmanaged = [seen(n, managed=False) for n in ("reconciler-a", "reconciler-zz", "db")]
-    result = plan([A, B], unmanaged, notify_runtimes=frozenset({"a", "b"}))
+    result = plan_containers([A, B], unmanaged, notify_runtimes=frozenset({"a", "b"}))
     ids = {action.container_id for action in result.actions}
     assert ids.isdisjoint({c.id for c in unmanaged})
 
 
 def test_rejects_two_desired_containers_with_one_name() -> None:
     with pytest.raises(ValueError, match="share a name"):
-        plan([A, A_NEW_IMAGE], [])
+        plan_containers([A, A_NEW_IMAGE], [])
 
 
 @pytest.mark.parametrize(
@@ -363,7 +363,7 @@ def test_describe_is_one_line(action: Action, line: str) -> None:
 
 def test_plan_json_round_trips_through_json() -> None:
     observed = [seen("reconciler-a", spec_of=A), seen("reconciler-z", managed=False)]
-    result = plan([A_NEW_IMAGE, spec("z")], observed)
+    result = plan_containers([A_NEW_IMAGE, spec("z")], observed)
     encoded = json.loads(json.dumps(result.to_json()))
     assert encoded["empty"] is False
     assert [a["kind"] for a in encoded["actions"]] == ["pull", "replace"]

@@ -8,10 +8,9 @@ held (``Reason: resume``). Both then converge through ``apply``.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from reconciler.apply.transaction import ConvergeOutcome, converge, rollback_to
 from reconciler.core.errors import HistoryError
+from reconciler.core.record import expect_head, release
 from reconciler.history.node import Node
 
 __all__ = ["default_rollback_target", "resume", "rollback"]
@@ -46,7 +45,7 @@ def _newest_waiting(node: Node) -> str | None:
 
 def resume(node: Node, *, offline: bool) -> tuple[str, ConvergeOutcome]:
     """Lift hold and quarantine; advance to the newest waiting snapshot; converge."""
-    node.save(replace(node.state, hold=False, hold_reason=None, quarantined=(), waiting=()))
+    node.save(release(node.state))
     history = node.history
     if history.head_is_detached():
         history.reattach_main()
@@ -56,5 +55,5 @@ def resume(node: Node, *, offline: bool) -> tuple[str, ConvergeOutcome]:
         moved = f"HEAD moved to serial {history.info(target).serial}"
     else:
         moved = "HEAD unchanged (nothing newer waiting)"
-    node.save(replace(node.state, expected_head=history.head_oid()))
+    node.save(expect_head(node.state, history.head_oid()))
     return moved, converge(node, offline=offline, reason="resume")

@@ -1,7 +1,8 @@
 """The container plan: desired ``ContainerSpec`` s + observed containers → ordered ``Action`` s.
 
-Workflow position: desired (from the snapshot) and observe (from the Podman edge) → **plan** →
-apply (``reconciler.containers``). ``reconcile plan`` prints it, the hooks get it as JSON.
+Workflow position: the container specs (``core.specs``) and what the Podman edge observes →
+**plan_containers** → ``apply.nodeplan`` (part of the node plan) → the Podman edge carries it
+out. ``reconcile plan`` prints it, the hooks get it as JSON.
 
 Pure: no I/O, no Podman import, no clock. The Podman edge turns what it sees into
 ``ObservedContainer`` values; this module only compares.
@@ -20,7 +21,7 @@ Rules (contract §5):
   interrupted start-first replace) → ``remove``;
 * a container without the managed label is never acted on. If it holds the name a desired
   container needs, the plan records a ``Conflict`` instead of actions for that runtime, and
-  ``Plan.empty`` is false. The apply layer refuses a plan with conflicts before changing
+  ``ContainerPlan.empty`` is false. The apply layer refuses a plan with conflicts before changing
   anything: converging only part of a snapshot would leave a mix no snapshot describes, and
   the foreign container is the node's problem, not the snapshot's (an operator renames or
   removes it; the next pass then goes on).
@@ -59,9 +60,9 @@ __all__ = [
     "Action",
     "ActionKind",
     "Conflict",
+    "ContainerPlan",
     "ObservedContainer",
-    "Plan",
-    "plan",
+    "plan_containers",
 ]
 
 ActionKind = Literal["pull", "remove", "replace", "create", "start", "notify"]
@@ -164,7 +165,7 @@ class Conflict:
 
 
 @dataclass(frozen=True)
-class Plan:
+class ContainerPlan:
     actions: tuple[Action, ...] = ()
     conflicts: tuple[Conflict, ...] = ()
 
@@ -187,12 +188,12 @@ class Plan:
         }
 
 
-def plan(
+def plan_containers(
     desired: Sequence[ContainerSpec],
     observed: Sequence[ObservedContainer],
     *,
     notify_runtimes: frozenset[str] = frozenset(),
-) -> Plan:
+) -> ContainerPlan:
     """What to do so that ``observed`` becomes ``desired`` (module docstring: rules, order)."""
     names = [spec.name for spec in desired]
     if len(set(names)) != len(names):
@@ -206,7 +207,7 @@ def plan(
         if current is not None and not current.managed:
             conflicts.append(Conflict(spec.runtime, spec.name, current.id))
             continue
-        actions.extend(_converge(spec, current, notify=spec.runtime in notify_runtimes))
+        actions.extend(_actions_for(spec, current, notify=spec.runtime in notify_runtimes))
 
     wanted = set(names)
     for container in sorted(observed, key=lambda c: c.name):
@@ -223,10 +224,10 @@ def plan(
 
     # sorted() is stable, so the name order from above survives within each kind.
     ordered = sorted(actions, key=lambda a: _ORDER.index(a.kind))
-    return Plan(actions=tuple(ordered), conflicts=tuple(conflicts))
+    return ContainerPlan(actions=tuple(ordered), conflicts=tuple(conflicts))
 
 
-def _converge(
+def _actions_for(
     spec: ContainerSpec, current: ObservedContainer | None, *, notify: bool
 ) -> list[Action]:
     def act(kind: ActionKind, reason: str, **extra: Any) -> Action:

@@ -197,10 +197,6 @@ class ModelSpec:
     def id(self) -> str:
         return f"{self.name}:{self.version}"
 
-    @property
-    def total_size(self) -> int:
-        return sum(f.size for f in self.files)
-
 
 @dataclass(frozen=True)
 class PortMapping:
@@ -231,10 +227,6 @@ class RuntimeSpec:
     health: HealthCheck | None = None
     update: Literal["stop-first", "start-first"] = "stop-first"
     notify: str = "restart"
-
-    @property
-    def image_digest(self) -> str:
-        return self.image.rsplit("@", 1)[1]
 
 
 @dataclass(frozen=True)

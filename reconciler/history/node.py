@@ -1,22 +1,21 @@
 """The node's local state opened as one object: settings, paths, history, roots, record.
 
 Edge module (files, git). Commands build a ``Node`` once and pass it down; nothing below the
-CLI reads settings or the environment on its own.
+CLI reads settings or the environment on its own. The record changes only through the
+transitions of ``core.record``: callers compute the new record and ``save`` it.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reconciler.config.settings import Settings
-from reconciler.core.documents import Ttl, format_time
+from reconciler.core.documents import Ttl
 from reconciler.core.errors import ReconcilerError, SettingsError
 from reconciler.core.paths import NodePaths
-from reconciler.core.record import LastError, NodeState
+from reconciler.core.record import NodeState
 from reconciler.history.recordfile import load_node_state, save_node_state
 from reconciler.history.repo import History
 
@@ -59,18 +58,6 @@ class Node:
     def reload(self) -> None:
         """Re-read the record (another command may have changed it between two cycles)."""
         self.state = load_node_state(self.paths.node_state)
-
-    def bump_state(self, counter: str) -> NodeState:
-        """The current record with ``counter`` raised by one (not yet saved)."""
-        return self.state.bump(counter)
-
-    def record_error(self, kind: str, error: ReconcilerError) -> None:
-        entry = LastError(at=format_time(time.time()), kind=kind, message=error.one_line())
-        state = self.state.with_error(entry)
-        if kind == "rejected":
-            # Counted for reconciler_fetch_rejections_total (docs/status.md).
-            state = replace(state, last_rejection=entry).bump("rejections")
-        self.save(state)
 
     def head_ttl(self) -> Ttl | None:
         """The ``ttl`` of HEAD's snapshot (timers of the watch loop), if there is a HEAD."""

@@ -12,11 +12,18 @@ alone and waits. Rejections and transport failures are recorded for ``status`` a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from reconciler.core.documents import Root, format_time, parse_time
-from reconciler.core.errors import OriginUnreachableError, RejectedError
-from reconciler.core.record import NodeState
+from reconciler.core.documents import Head, Root, format_time, parse_time
+from reconciler.core.errors import OriginUnreachableError, ReconcilerError, RejectedError
+from reconciler.core.record import (
+    AcceptedHead,
+    LastError,
+    fetch_failed,
+    fetch_succeeded,
+    head_moved,
+    head_moved_to,
+)
 from reconciler.core.trust import (
     DEFAULT_LIMITS,
     TrustLimits,
@@ -32,9 +39,7 @@ from reconciler.history.node import Node
 from reconciler.history.repo import StoredSnapshot
 from reconciler.intake.origin import Origin
 
-__all__ = ["FetchResult", "fetch"]
-
-_FETCH_ERRORS = frozenset({"rejected", "unreachable"})  # kinds `fetch` itself records
+__all__ = ["FetchResult", "fetch", "note_moved_head"]
 
 
 @dataclass(frozen=True)
@@ -78,12 +83,17 @@ def fetch(
         with Origin(origin_url, deadline_s=node.settings.fetch_timeout_s) as origin:
             result = _fetch(node, origin, now=now, limits=limits)
     except RejectedError as exc:
-        node.record_error("rejected", exc)
+        _record_failure(node, "rejected", exc)
         raise
     except OriginUnreachableError as exc:
-        node.record_error("unreachable", exc)
+        _record_failure(node, "unreachable", exc)
         raise
     return result
+
+
+def _record_failure(node: Node, kind: str, error: ReconcilerError) -> None:
+    failure = LastError(at=format_time(time.time()), kind=kind, message=error.one_line())
+    node.save(fetch_failed(node.state, error=failure))
 
 
 def _fetch(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> FetchResult:
@@ -97,7 +107,7 @@ def _fetch(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> Fe
     if answer.status == 304:
         if state.last_head_expires is not None:
             check_cached_head_fresh(parse_time(state.last_head_expires), now=now, limits=limits)
-        node.save(_succeeded(node, now=now))
+        node.save(fetch_succeeded(node.state, at=format_time(now)))
         return FetchResult(
             "current", state.last_digest, state.last_serial, "head.json not modified"
         )
@@ -112,6 +122,32 @@ def _fetch(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> Fe
         limits=limits,
     )
     head = verified_head.head
+    status = _store_or_advance(node, origin, root, head, now=now, limits=limits)
+    accepted = AcceptedHead(
+        serial=head.serial,
+        digest=head.config_digest,
+        expires=format_time(head.expires),
+        etag=answer.etag,
+        new_head=history.head_oid() if status == "new" else None,
+        waiting=status == "waiting",
+    )
+    node.save(fetch_succeeded(node.state, at=format_time(now), head=accepted))
+    if status == "new":
+        message = f"snapshot {head.serial} ({head.config_digest}) is the new HEAD"
+    elif status == "waiting":
+        why = _why_waiting(node, head.config_digest)
+        message = f"snapshot {head.serial} ({head.config_digest}) stored, waiting: {why}"
+    else:
+        message = f"snapshot {head.serial} ({head.config_digest}) is current"
+    return FetchResult(status, head.config_digest, head.serial, message)
+
+
+def _store_or_advance(
+    node: Node, origin: Origin, root: Root, head: Head, *, now: float, limits: TrustLimits
+) -> str:
+    """Fetch, verify and store the snapshot ``head`` names, unless stored already; move
+    ``main`` to it if it may advance. Returns the fetch status: new, waiting or current."""
+    history = node.history
     existing = history.snapshot_ref(head.config_digest)
     if existing is None:
         snap_path = f"snapshots/{head.config_digest.removeprefix('sha256:')}.json"
@@ -132,64 +168,28 @@ def _fetch(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> Fe
             ),
             advance=advance,
         )
-        status = "new" if advance else "waiting"
-    else:
-        stored_serial = history.info(existing).serial
-        check_stored_snapshot(head, stored_serial=stored_serial)
-        status = "current"
-        # Stored by a pass that was killed before main moved to it: finish that move.
-        if history.head_oid() != existing and _may_advance(
-            node, serial=stored_serial, digest=head.config_digest
-        ):
-            history.advance_to(existing)
-            status = "new"
-    node.save(
-        replace(
-            _succeeded(node, now=now),
-            last_serial=max(head.serial, node.state.last_serial),
-            last_digest=head.config_digest,
-            last_head_expires=format_time(head.expires),
-            head_etag=answer.etag,
-            expected_head=history.head_oid() if status == "new" else node.state.expected_head,
-            waiting=(*node.state.waiting, head.config_digest)
-            if status == "waiting" and head.config_digest not in node.state.waiting
-            else node.state.waiting,
-        )
-    )
-    if status == "new":
-        message = f"snapshot {head.serial} ({head.config_digest}) is the new HEAD"
-    elif status == "waiting":
-        why = _why_waiting(node, head.config_digest)
-        message = f"snapshot {head.serial} ({head.config_digest}) stored, waiting: {why}"
-    else:
-        message = f"snapshot {head.serial} ({head.config_digest}) is current"
-    return FetchResult(status, head.config_digest, head.serial, message)
-
-
-def _succeeded(node: Node, *, now: float) -> NodeState:
-    """A fetch that worked clears what the last failed fetch recorded (not apply errors)."""
-    last_error = node.state.last_error
-    if last_error is not None and last_error.kind in _FETCH_ERRORS:
-        last_error = None
-    return replace(
-        node.state,
-        last_fetch_ok_at=format_time(now),
-        last_rejection=None,
-        last_error=last_error,
-    )
+        return "new" if advance else "waiting"
+    stored_serial = history.info(existing).serial
+    check_stored_snapshot(head, stored_serial=stored_serial)
+    # Stored by a pass that was killed before main moved to it: finish that move.
+    if history.head_oid() != existing and _may_advance(
+        node, serial=stored_serial, digest=head.config_digest
+    ):
+        history.advance_to(existing)
+        return "new"
+    return "current"
 
 
 def note_moved_head(node: Node) -> None:
-    """An operator who moved HEAD with stock git has put the node on hold (contract §4)."""
+    """An operator who moved HEAD with stock git has put the node on hold (contract §4).
+
+    Unless the reflog says this agent moved it and was killed before it could record that.
+    """
     head = node.history.head_oid()
-    expected = node.state.expected_head
-    if head is None or expected is None or head == expected or node.state.hold:
+    if head is None or not head_moved(node.state, head):
         return
-    if node.history.head_moved_by_reconciler(head):
-        # This agent moved main and was killed before it could record the new HEAD.
-        node.save(replace(node.state, expected_head=head))
-        return
-    node.save(replace(node.state, hold=True, hold_reason=f"HEAD moved with git to {head[:12]}"))
+    by_reconciler = node.history.head_moved_by_reconciler(head)
+    node.save(head_moved_to(node.state, head=head, by_reconciler=by_reconciler))
 
 
 def _may_advance(node: Node, *, serial: int, digest: str) -> bool:

@@ -1,7 +1,7 @@
 """The executor: carry out a container plan's actions in order, one executor per action kind.
 
 Workflow position: desired → plan → **execute**. ``PodmanEdge.apply()`` hands it the plan of
-``reconciler.core.containerplan.plan()`` and the desired specs; ``_EXECUTORS`` maps each
+``reconciler.core.containerplan.plan_containers()`` and the desired specs; ``_EXECUTORS`` maps each
 action kind to the function that carries it out, and ``_REPLACEMENTS`` each update strategy
 of a ``replace`` to its own. Each returns the container acted on and a line for the receipt.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reconciler.core.containerplan import Action, ActionKind, Plan
+from reconciler.core.containerplan import Action, ActionKind, ContainerPlan
 from reconciler.core.errors import ContainerError, ReconcilerError, SnapshotFaultError
 from reconciler.core.specs import ContainerSpec, UpdateStrategy
 from reconciler.runtime import containers, health
@@ -95,7 +95,7 @@ _Executor = Callable[[Execution, _Step], _Done]
 
 def carry_out(
     run: Execution,
-    plan: Plan,
+    plan: ContainerPlan,
     *,
     desired: Sequence[ContainerSpec],
     on_outcome: Callable[[ActionOutcome], None] | None = None,
@@ -137,7 +137,7 @@ def carry_out(
     return outcomes
 
 
-def _specs_for(plan: Plan, desired: Sequence[ContainerSpec]) -> dict[str, ContainerSpec]:
+def _specs_for(plan: ContainerPlan, desired: Sequence[ContainerSpec]) -> dict[str, ContainerSpec]:
     """The desired specs by runtime, once the plan is known to be one this can carry out."""
     if plan.conflicts:
         raise ContainerError("; ".join(c.describe() for c in plan.conflicts))

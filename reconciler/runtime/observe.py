@@ -1,8 +1,8 @@
 """Observe: the containers Podman runs, as the container plan sees them.
 
-Workflow position: the first step of a pass over the runtime. ``PodmanEdge.observe()`` hands
-what it lists here to ``reconciler.core.containerplan.plan()``; the executor observes again
-before a replacement to find a temporary container a crash left behind.
+Workflow position: the first step of a pass over the runtime. ``PodmanEdge.observe()``
+hands what it lists here to ``reconciler.core.containerplan.plan_containers()``; the executor
+observes again before a replacement to find a temporary container a crash left behind.
 
 What it may not do: change anything (it only lists and inspects), or let a podman-py
 exception out (every call runs under ``PodmanConnection.guard``).

@@ -2,7 +2,7 @@
 
 Workflow position: desired → plan → **containers** (apply). The agent builds the desired specs
 (``reconciler.core.specs``), observes with ``PodmanEdge.observe()``, plans with
-``reconciler.core.containerplan.plan()`` and hands the plan to ``PodmanEdge.apply()``.
+``reconciler.core.containerplan.plan_containers()`` and hands the plan to ``PodmanEdge.apply()``.
 
 ``PodmanEdge`` is the runtime edge's one door: callers outside ``reconciler.runtime`` use it
 and ``ActionOutcome``, nothing else of the Podman side. Behind it, each part is its own module:
@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from reconciler.core.containerplan import ObservedContainer, Plan
+from reconciler.core.containerplan import ContainerPlan, ObservedContainer
 from reconciler.core.specs import NETWORK_NAME, ContainerSpec
 from reconciler.runtime import observe as observing
 from reconciler.runtime import pull as pulling
@@ -134,7 +134,7 @@ class PodmanEdge:
 
     def apply(
         self,
-        plan: Plan,
+        plan: ContainerPlan,
         desired: Sequence[ContainerSpec],
         *,
         allow_pull: bool = True,

@@ -30,7 +30,7 @@ from typing import Any
 
 from click.testing import CliRunner
 
-from reconciler.apply.transaction import load_desired
+from reconciler.apply.target import load_target
 from reconciler.cli import cli
 from reconciler.config.settings import load_settings
 from reconciler.core.envelope import parse_envelope
@@ -203,7 +203,7 @@ def converged_problems(env: dict[str, str]) -> list[str]:
     head = node.history.head_oid()
     if head is None:
         return ["no HEAD"]
-    desired = load_desired(node, head)
+    desired = load_target(node, head)
     container_problems, running = _containers(node, desired)
     problems = container_problems + _models(node, desired)
     problems += [f"temporary file left: {t}" for t in temporary_files(node.paths.state_dir)]

@@ -29,7 +29,13 @@ from hypothesis import HealthCheck as Health
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconciler.core.containerplan import STARTABLE_STATES, Action, ObservedContainer, Plan, plan
+from reconciler.core.containerplan import (
+    STARTABLE_STATES,
+    Action,
+    ContainerPlan,
+    ObservedContainer,
+    plan_containers,
+)
 from reconciler.core.documents import HealthCheck, ModelFile, ModelSpec, PortMapping, RuntimeSpec
 from reconciler.core.paths import NodePaths
 from reconciler.core.schema import SchemaError, validate
@@ -103,7 +109,7 @@ class PodmanModel:
 
 
 def simulate(
-    observed: Sequence[ObservedContainer], result: Plan, desired: Sequence[ContainerSpec]
+    observed: Sequence[ObservedContainer], result: ContainerPlan, desired: Sequence[ContainerSpec]
 ) -> PodmanModel:
     """Carry out ``result`` on ``observed`` as the Podman edge would, or raise."""
     host = PodmanModel({c.id: c for c in observed})
@@ -153,7 +159,7 @@ def _act(host: PodmanModel, action: Action, specs: dict[str, ContainerSpec]) -> 
     elif action.kind == "notify":
         if not host.managed(action.container_id).running:
             raise PodmanRefusedError("notify of a container that is not running")
-    else:  # pragma: no cover - plan() has no other kinds
+    else:  # pragma: no cover - plan_containers() has no other kinds
         raise PodmanRefusedError(f"unknown action {action.kind}")
 
 
@@ -254,7 +260,7 @@ def test_applying_the_plan_to_any_observed_state_yields_the_desired_state(
     case: tuple[list[ContainerSpec], list[ObservedContainer], frozenset[str]],
 ) -> None:
     desired, observed, notify = case
-    result = plan(desired, observed, notify_runtimes=notify)
+    result = plan_containers(desired, observed, notify_runtimes=notify)
     host = simulate(observed, result, desired)
 
     blocked = {c.container for c in result.conflicts}
@@ -281,9 +287,9 @@ def test_planning_again_after_applying_the_plan_finds_nothing_to_do(
     case: tuple[list[ContainerSpec], list[ObservedContainer], frozenset[str]],
 ) -> None:
     desired, observed, notify = case
-    first = plan(desired, observed, notify_runtimes=notify)
+    first = plan_containers(desired, observed, notify_runtimes=notify)
     host = simulate(observed, first, desired)
-    second = plan(desired, list(host.containers.values()))
+    second = plan_containers(desired, list(host.containers.values()))
     assert second.actions == ()
     assert second.conflicts == first.conflicts
 
@@ -291,7 +297,7 @@ def test_planning_again_after_applying_the_plan_finds_nothing_to_do(
 @FAST
 @given(desired_specs())
 def test_the_plan_of_a_converged_node_is_empty(desired: list[ContainerSpec]) -> None:
-    assert plan(desired, converged_view(desired)).empty
+    assert plan_containers(desired, converged_view(desired)).empty
 
 
 @FAST
@@ -301,7 +307,7 @@ def test_a_plan_touches_nothing_when_it_can_only_fail_at_a_pull(
 ) -> None:
     """Every pull precedes every change, so a registry outage stops a pass before it acts."""
     desired, observed, notify = case
-    kinds = [a.kind for a in plan(desired, observed, notify_runtimes=notify).actions]
+    kinds = [a.kind for a in plan_containers(desired, observed, notify_runtimes=notify).actions]
     if "pull" in kinds:
         last_pull = len(kinds) - 1 - kinds[::-1].index("pull")
         assert all(k == "pull" for k in kinds[: last_pull + 1])
@@ -332,14 +338,14 @@ def test_simulator_refuses_what_podman_would_refuse() -> None:
         kind="pull", runtime="llm", container="reconciler-llm", reason="t", image=spec.image
     )
     with pytest.raises(PodmanRefusedError, match="taken"):
-        simulate(taken, Plan(actions=(pull, create)), [spec])
+        simulate(taken, ContainerPlan(actions=(pull, create)), [spec])
     with pytest.raises(PodmanRefusedError, match="before it was pulled"):
-        simulate([], Plan(actions=(create,)), [spec])
+        simulate([], ContainerPlan(actions=(create,)), [spec])
     remove_foreign = Action(
         kind="remove", runtime="", container="reconciler-llm", reason="t", container_id="x"
     )
     with pytest.raises(PodmanRefusedError, match="unmanaged"):
-        simulate(taken, Plan(actions=(remove_foreign,)), [spec])
+        simulate(taken, ContainerPlan(actions=(remove_foreign,)), [spec])
 
 
 # ---- defences that keep a snapshot inside the node's folders -------------------------------

@@ -4,7 +4,8 @@ Used by ``test_apply``, ``test_watch``, ``test_receipts`` and ``test_crash``: bu
 serve snapshot bodies (``served_model``, ``runtime``, ``snapshot_body``), give a node under
 test the private Podman service and a hooks folder (``node_env``, ``write_hook``), run a pass
 (``once``, ``converged``) and read what it left (``containers``, ``running``, ``receipts``,
-``head``). ``AGENT_COMMAND`` runs the real ``reconcile`` command as a process of its own.
+``head``); ``forge_commit`` makes a commit the agent never verified, with stock git.
+``AGENT_COMMAND`` runs the real ``reconcile`` command as a process of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.fileserver import FileServer
-from tests.support.origin_fixtures import NodeUnderTest, Outcome
+from tests.support.origin_fixtures import NodeUnderTest, Outcome, stock_git
 from tests.support.podman_fixtures import PodmanService
 from tests.support.signing import base_snapshot
 
@@ -152,3 +153,26 @@ def converged(outcome: Outcome) -> Outcome:
     """``outcome``, once it is checked to have exited 0."""
     assert outcome.exit_code == 0, f"exit {outcome.exit_code}: {outcome.stdout}{outcome.stderr}"
     return outcome
+
+
+def forge_commit(node: NodeUnderTest, *, like: str, envelope: bytes) -> str:
+    """A commit made with stock git plumbing: ``like``'s snapshot.json, trailers and parent,
+    with another envelope.json."""
+    tree_listing = node.git("ls-tree", like)
+    snapshot_blob = next(
+        line.split()[2] for line in tree_listing.splitlines() if line.endswith("snapshot.json")
+    )
+    envelope_file = node.home / "forged-envelope.json"
+    envelope_file.write_bytes(envelope)
+    envelope_blob = node.git("hash-object", "-w", str(envelope_file)).strip()
+    tree = _git_input(
+        node,
+        ["mktree"],
+        f"100644 blob {envelope_blob}\tenvelope.json\n100644 blob {snapshot_blob}\tsnapshot.json\n",
+    )
+    message = node.git("log", "-1", "--format=%B", like)
+    return _git_input(node, ["commit-tree", tree, "-p", like], message)
+
+
+def _git_input(node: NodeUnderTest, args: list[str], text: str) -> str:
+    return stock_git(node.repo, *args, stdin=text.encode()).decode().strip()
