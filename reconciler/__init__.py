@@ -1,8 +1,12 @@
 """reconciler: keeps a GPU inference node on the network's signed configuration snapshot.
 
-The workflow, module by module: settings → origin (fetch bytes) → trust (verify) → history
-(commit to git) → observe (Podman, model store) → plan → apply (models, containers, runtime
-files, hooks, receipts) → agent (once / watch) → cli.
+One subpackage per step of the workflow, top to bottom (docs/architecture.md):
+``cli`` → ``agent`` (once, watch, rollback, resume, init) → ``apply`` (the transaction) beside
+``report`` (status, log, verify, metrics) and ``network`` (publish) → ``intake`` (origin →
+verified commit) → ``history`` (git), ``models`` (the model store) and ``runtime`` (Podman,
+hooks), independent of each other → ``config`` (settings) → ``disk`` (atomic files, lock,
+keys) → ``core``, the pure core (documents, trust, specs, plans, the node record). The layers
+are enforced by import-linter (``.importlinter``).
 """
 
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The ``reconcile`` command (contract §6): parse arguments, call the workflow, map errors.
+"""The ``reconcile`` command (docs/contract.md §6): parse arguments, call the workflow, map errors.
 
 The CLI is the outermost layer: it builds ``Settings`` and a ``Node``, calls one workflow
 function, prints one line (or one JSON object) and exits with the contract's code. Project

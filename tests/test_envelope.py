@@ -1,4 +1,4 @@
-"""DSSE v1 envelopes (contract §1): encoding, parsing and counting valid signatures."""
+"""DSSE v1 envelopes (docs/contract.md §1): encoding, parsing and counting valid signatures."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The state repository (contract §4) in real git repositories, checked with stock ``git``."""
+"""The state repository (docs/contract.md §4) in real git repositories, read with stock git."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Scenarios of contract §3 through the real ``reconcile`` command and a real loopback origin.
+"""Scenarios of docs/contract.md §3 through the real ``reconcile`` command and a loopback origin.
 
 Each scenario publishes something with the ``simulator`` (the network's side), runs
 ``reconcile fetch`` against the ``file_server`` and checks the exit code, the one-line message

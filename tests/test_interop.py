@@ -1,4 +1,4 @@
-"""DSSE interoperability with securesystemslib's implementation (contract §1).
+"""DSSE interoperability with securesystemslib's implementation (docs/contract.md §1).
 
 Envelopes made by ``securesystemslib.dsse.Envelope`` with its Ed25519 ``CryptoSigner`` are
 accepted by ours, and ours verify there. The keys are the same 32-byte seeds on both sides;

@@ -1,4 +1,4 @@
-"""Signed apply receipts (contract §4): one DSSE line per attempt in ``refs/notes/applied``.
+"""Signed apply receipts (docs/contract.md §4): one DSSE line per attempt in ``refs/notes/applied``.
 
 The signatures are checked here with PyNaCl and the tests' own PAE (``tests.support.signing``),
 independently of ``reconciler.envelope``; tampering is done with stock ``git notes``.

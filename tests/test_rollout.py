@@ -1,7 +1,7 @@
-"""Staged rollouts (contract §8): the pure core, and heads carrying a rollout through trust.
+"""Staged rollouts (docs/contract.md §8): the pure core, and heads carrying a rollout through trust.
 
 The position formula is spelled out again here with hashlib, independently of
-``reconciler.core.rollout``, and the test vectors are the table of contract §8, which a
+``reconciler.core.rollout``, and the test vectors are the table of docs/contract.md §8, which a
 network operator reproduces in any language.
 """
 
@@ -40,7 +40,7 @@ DIGEST = "sha256:" + "ab" * 32
 
 
 def formula(salt: str, public: bytes) -> int:
-    """Contract §8, written out: hundredths of a percent, 0..9999."""
+    """docs/contract.md §8, written out: hundredths of a percent, 0..9999."""
     digest = hashlib.sha256(salt.encode("utf-8") + b"\0" + public).digest()
     return int.from_bytes(digest[:8], "big") % 10000
 
@@ -55,7 +55,7 @@ def rollout(*waves: tuple[str, int], salt: str | None = None) -> Rollout:
 
 # ---- test vectors ---------------------------------------------------------------------------
 
-# (salt, public key hex, first 8 bytes of the SHA-256 in hex, position): contract §8's table.
+# (salt, public key hex, first 8 bytes of the SHA-256 in hex, position): docs/contract.md §8.
 VECTORS = [
     ("a", "00" * 32, "a834b58ea6b20b0d", "69.41"),
     ("a", "ff" * 32, "965d68cc3645975e", "88.94"),

@@ -1,4 +1,4 @@
-"""The v1 JSON schemas (contract §1, §2) and the strict JSON reader that runs before them."""
+"""The v1 JSON schemas (docs/contract.md §1, §2) and the strict JSON reader run before them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Node settings (contract §4): flag > env ``RECONCILER_<KEY>`` > file > default, and errors."""
+"""Node settings (docs/contract.md §4): flag > env ``RECONCILER_<KEY>`` > file > default."""
 
 from __future__ import annotations
 

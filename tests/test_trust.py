@@ -1,4 +1,4 @@
-"""The pure trust core (contract §3) on bytes in memory: no files, no network, no clock."""
+"""The pure trust core (docs/contract.md §3) on bytes in memory: no files, no network, no clock."""
 
 from __future__ import annotations
 

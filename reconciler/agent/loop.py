@@ -66,7 +66,7 @@ def _cycle(node: Node, *, offline: bool, do_fetch: bool, full_verify: bool) -> O
 
 
 def run_once(node: Node, *, offline: bool, wait_s: float = 0.0) -> OnceResult:
-    """One pass: fetch (unless offline), converge, metrics. Exit code per contract §6."""
+    """One pass: fetch (unless offline), converge, metrics. Exit code per docs/contract.md §6."""
     with state_lock(node.paths.lock, wait_s=wait_s):
         return _cycle(node, offline=offline, do_fetch=True, full_verify=False)
 

@@ -19,7 +19,7 @@ from reconciler.core.documents import ModelSpec
 
 __all__ = ["NOTIFYING_FILES", "NodePlan", "plan_node"]
 
-# Files under runtime/ whose change the runtime is told about (contract §2: notify).
+# Files under runtime/ whose change the runtime is told about (docs/contract.md §2: notify).
 NOTIFYING_FILES = ("jobs.json", "participation.json")
 
 

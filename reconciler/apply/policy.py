@@ -1,4 +1,4 @@
-"""The failure policy (contract §5): what a failed apply means for the node, by blame.
+"""The failure policy (docs/contract.md §5): what a failed apply means for the node, by blame.
 
 Pure. One decision, ``judge``, is used wherever an apply fails: at the end of an attempt
 (``apply.transaction``) and when a snapshot is refused before any attempt (an unsafe container

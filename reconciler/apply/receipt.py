@@ -1,5 +1,5 @@
-"""The apply receipt (contract §4): what one attempt did, signed by the node and noted on the
-commit it applied.
+"""The apply receipt (docs/contract.md §4): what one attempt did, signed by the node and
+noted on the commit it applied.
 
 Where it sits: every end of an attempt builds one ``Receipt``: the attempt itself
 (``apply.attempt``), an apply refused before any attempt, and the ``interrupted`` receipt the

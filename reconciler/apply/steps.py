@@ -60,7 +60,7 @@ def write_plan(node_plan: NodePlan, *, work_dir: Path) -> Path:
 
 
 def hook_env(node: Node, target: ApplyTarget, *, reason: str, plan_file: Path) -> dict[str, str]:
-    """The ``RECONCILE_*`` variables of ``pre-apply`` and ``post-apply`` (contract §7)."""
+    """The ``RECONCILE_*`` variables of ``pre-apply`` and ``post-apply`` (docs/contract.md §7)."""
     return {
         "RECONCILE_CONFIG_DIGEST": target.digest,
         "RECONCILE_PREVIOUS_DIGEST": node.state.applied_digest or "",

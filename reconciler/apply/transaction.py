@@ -199,7 +199,7 @@ def _quarantined_head(node: Node, head: str) -> ConvergeOutcome | None:
     """HEAD names a quarantined snapshot the node is not running: do not apply it again.
 
     This is the case after a first snapshot failed with nothing to roll back to; it waits for
-    a higher serial or ``reconcile resume`` (contract §5).
+    a higher serial or ``reconcile resume`` (docs/contract.md §5).
     """
     try:
         info = node.history.info(head)

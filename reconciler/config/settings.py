@@ -1,4 +1,4 @@
-"""Node settings (contract §4): defaults < settings file < environment < command-line flags.
+"""Node settings (docs/contract.md §4): defaults < settings file < environment < command-line flags.
 
 Where it sits: first in the workflow; everything else receives a ``Settings`` value and never
 reads the environment or the file itself. Reads the TOML file and the environment, nothing

@@ -7,7 +7,7 @@ out. ``reconcile plan`` prints it, the hooks get it as JSON.
 Pure: no I/O, no Podman import, no clock. The Podman edge turns what it sees into
 ``ObservedContainer`` values; this module only compares.
 
-Rules (contract §5):
+Rules (docs/contract.md §5):
 
 * a desired container that is missing → ``pull`` its image, then ``create`` it;
 * present, managed, same spec label, but not running → ``start`` it (drift repair). A container

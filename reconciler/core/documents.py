@@ -1,4 +1,4 @@
-"""Typed, immutable views of the v1 documents (contract §2) and their strict JSON parsing.
+"""Typed, immutable views of the v1 documents (docs/contract.md §2) and their strict JSON parsing.
 
 Pure: bytes or parsed objects in, frozen dataclasses out. No I/O, no clock. A payload reaches
 these classes only after its schema check, so constructors trust the shapes and only add the

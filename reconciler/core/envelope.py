@@ -1,4 +1,4 @@
-"""DSSE v1 envelopes with Ed25519 signatures (contract §1): parse, verify, sign.
+"""DSSE v1 envelopes with Ed25519 signatures (docs/contract.md §1): parse, verify, sign.
 
 Pure: bytes in, bytes or typed values out; no I/O and no clock. PyNaCl's exceptions stay
 inside this module. Verification never raises for a bad signature: a signature that does not

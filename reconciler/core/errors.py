@@ -2,13 +2,13 @@
 
 Errors are split by blame, which decides what the agent does next:
 
-* ``RejectedError``: a document from the network failed a check (contract §3). Nothing is
+* ``RejectedError``: a document from the network failed a check (docs/contract.md §3). Nothing is
   committed; the node stays on its last known configuration.
 * ``OriginUnreachableError``: the transport failed (DNS, refused, timeout, 5xx). Not the
   document's fault; the next poll tries again.
 * ``SnapshotFaultError``: applying a verified snapshot failed *because of the snapshot*
   (a container that will not start, a failed health gate). The apply layer rolls back and
-  quarantines the digest (contract §5).
+  quarantines the digest (docs/contract.md §5).
 * ``TransientError``: anything else during an apply (Podman, registry or mirror down, a hash
   mismatch, a full disk, a veto): nothing is quarantined, the next pass retries.
 * ``SettingsError``: bad node settings or usage (exit 2).
@@ -54,7 +54,7 @@ class SettingsError(ReconcilerError):
 
 
 class RejectedError(ReconcilerError):
-    """A document from the origin failed verification (contract §3)."""
+    """A document from the origin failed verification (docs/contract.md §3)."""
 
     exit_code = 4
 

@@ -1,4 +1,4 @@
-"""What the runtime is told (contract §2): the files under ``runtime/``, computed purely.
+"""What the runtime is told (docs/contract.md §2): the files under ``runtime/``, computed purely.
 
 Pure: a snapshot and the node's own facts (network, VRAM, opt-outs) in, file contents out.
 Writing them is the apply layer's job. Job parameters are deliberately not part of any

@@ -1,4 +1,4 @@
-"""Where things live under the node's state folder (contract §4). Pure: names, no I/O."""
+"""Where things live under the node's state folder (docs/contract.md §4). Pure: names, no I/O."""
 
 from __future__ import annotations
 

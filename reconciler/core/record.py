@@ -57,7 +57,7 @@ class LastError:
 
 @dataclass(frozen=True)
 class NodeState:
-    last_serial: int = 0  # the anti-rollback floor (contract §3.7)
+    last_serial: int = 0  # the anti-rollback floor (docs/contract.md §3.7)
     last_digest: str | None = None
     last_head_expires: str | None = None  # for `stale`
     head_etag: str | None = None  # for conditional polls

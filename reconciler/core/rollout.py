@@ -1,4 +1,4 @@
-"""Staged rollouts (contract §8): which nodes a head admits, and from when.
+"""Staged rollouts (docs/contract.md §8): which nodes a head admits, and from when.
 
 Where it sits: in the pure core. Trust uses it to refuse a malformed ``rollout`` in a head
 (through ``Head.from_payload``), the node asks it whether it may take the head's snapshot
@@ -50,7 +50,7 @@ _PUBLIC_KEY_BYTES = 32
 
 
 class RolloutError(ValueError):
-    """A rollout breaks a rule of contract §8; the message names the wave and the rule."""
+    """A rollout breaks a rule of docs/contract.md §8; the message names the wave and the rule."""
 
 
 @dataclass(frozen=True, order=True)

@@ -8,13 +8,14 @@ Pure: no I/O, no clock, no Podman import. Host paths are computed from ``NodePat
 nothing here checks that they exist (the apply layer makes sure ``runtime/`` and each model tree
 are on disk before a container is created).
 
-Defence in depth (contract §2 "never privileged, never host namespaces, never a host path outside
-the node's model and runtime folders"): the schema already forbids all of that, and this module
-checks it again because a container definition is the one place where a mistake gives a snapshot
-power over the host. ``ContainerSpec`` has no field that could express privileged mode, a host
-namespace, a writable bind mount or a host device path, so the Podman edge cannot be asked for
-them. Anything that would slip past the schema raises ``UnsafeSpecError`` (a
-``SnapshotFaultError``: the snapshot is to blame, so it is quarantined, never retried).
+Defence in depth (docs/contract.md §2 "never privileged, never host namespaces, never a host
+path outside the node's model and runtime folders"): the schema already forbids all of that, and
+this module checks it again because a container definition is the one place where a mistake
+gives a snapshot power over the host. ``ContainerSpec`` has no field that could express
+privileged mode, a host namespace, a writable bind mount or a host device path, so the Podman
+edge cannot be asked for them. Anything that would slip past the schema raises
+``UnsafeSpecError`` (a ``SnapshotFaultError``: the snapshot is to blame, so it is quarantined,
+never retried).
 
 The spec hash covers every field of the normalised definition (image, command, env, mounts,
 devices, ports, network, restart policy, health, update, notify) plus a format version, and
@@ -72,8 +73,8 @@ RESTART_RETRIES = 3
 # The node's runtime/ folder is mounted as a directory, not jobs.json alone: a bind-mounted
 # file pins the inode it had at start, so a process told by signal to re-read jobs.json would
 # keep seeing the old bytes after the agent replaced the file atomically. Mounting the folder
-# keeps `/run/reconciler/jobs.json` (contract §2) current and also exposes the other files the
-# contract passes through runtime/ (participation.json, …).
+# keeps `/run/reconciler/jobs.json` (docs/contract.md §2) current and also exposes the other
+# files the contract passes through runtime/ (participation.json, …).
 RUNTIME_MOUNT = "/run/reconciler"
 
 # Bumped whenever the way a runtime becomes a container changes, so that every container made

@@ -1,4 +1,4 @@
-"""The trust workflow of contract §3, on bytes in memory: root rotation, head, snapshot.
+"""The trust workflow of docs/contract.md §3, on bytes in memory: root rotation, head, snapshot.
 
 Where it sits: between the origin edge (which reads bytes with size limits) and the history
 edge (which commits what this module accepted). Pure: no I/O, no clock (callers pass ``now``,
@@ -62,7 +62,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrustLimits:
-    root_max_bytes: int = 64 * 1024  # bytes, contract §3.1
+    root_max_bytes: int = 64 * 1024  # bytes, docs/contract.md §3.1
     head_max_bytes: int = 64 * 1024  # bytes
     snapshot_max_bytes: int = 16 * 1024 * 1024  # bytes
     max_root_walk: int = 32  # root versions accepted per fetch

@@ -1,4 +1,4 @@
-"""Signed apply receipts (contract §4): one DSSE envelope line per apply attempt.
+"""Signed apply receipts (docs/contract.md §4): one DSSE envelope line per apply attempt.
 
 The payload is built purely from what the apply recorded; signing uses the node's own key,
 so ``reconcile verify`` can tell a receipt this node wrote from one edited later. The line is

@@ -1,4 +1,4 @@
-"""The state repository (contract §4): every accepted snapshot is a git commit.
+"""The state repository (docs/contract.md §4): every accepted snapshot is a git commit.
 
 Edge module (pygit2): pygit2's exceptions stay inside ``history`` and become ``HistoryError``
 (libgit2 reports a full disk or a read-only folder as ``OSError``: those too). ``History`` stores
@@ -8,7 +8,7 @@ Layout:
 * a non-bare repository whose work tree is kept checked out at ``main`` (so that an operator's
   ``git checkout`` or ``git reset`` behaves as in any repository);
 * each commit's tree holds ``snapshot.json`` (the verified payload bytes) and ``envelope.json``
-  (the envelope bytes as served), its message carries the trailers of contract §4
+  (the envelope bytes as served), its message carries the trailers of docs/contract.md §4
   (``history.trailers``);
 * the refs ``main``, ``refs/snapshots/<hex>`` and the anti-rollback floor
   ``refs/reconciler/accepted`` (``history.refs``);

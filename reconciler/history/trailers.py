@@ -1,4 +1,4 @@
-"""What a snapshot commit says about its snapshot: the message and its trailers (contract §4).
+"""What a snapshot commit says about its snapshot: its message and trailers (docs/contract.md §4).
 
 Pure text, used only by ``history.repo``: ``commit_message`` writes the message of a new
 commit, ``commit_info`` reads one back. It never opens the repository and decides nothing

@@ -4,9 +4,10 @@ The I/O shell around ``trust``: it reads bytes through ``origin``, hands them to
 checks with one ``now`` for the whole fetch, persists accepted roots, and commits an accepted
 snapshot through ``history``. It applies nothing.
 
-Whether ``main`` advances (contract §4): only to a higher serial than HEAD's, only when no hold
-is active and the digest is not quarantined; otherwise the snapshot is stored under its ref
-alone and waits. Rejections and transport failures are recorded for ``status`` and re-raised.
+Whether ``main`` advances (docs/contract.md §4): only to a higher serial than HEAD's, only
+when no hold is active and the digest is not quarantined; otherwise the snapshot is stored
+under its ref alone and waits. Rejections and transport failures are recorded for ``status``
+and re-raised.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def _walk_roots(node: Node, origin: Origin, *, now: float, limits: TrustLimits) 
     """Follow root N+1, N+2, … and return the newest trusted root.
 
     The new roots are persisted only once the walk ends in an unexpired root: a chain that
-    fails leaves the trusted roots as they were (contract §3: nothing changes), so a root the
-    network re-publishes with a later ``expires`` is fetched again.
+    fails leaves the trusted roots as they were (docs/contract.md §3: nothing changes), so a
+    root the network re-publishes with a later ``expires`` is fetched again.
     """
     current = node.roots.newest()
     walked: list[VerifiedRoot] = []
@@ -181,7 +182,7 @@ def _store_or_advance(
 
 
 def note_moved_head(node: Node) -> None:
-    """An operator who moved HEAD with stock git has put the node on hold (contract §4).
+    """An operator who moved HEAD with stock git has put the node on hold (docs/contract.md §4).
 
     Unless the reflog says this agent moved it and was killed before it could record that.
     """

@@ -2,7 +2,7 @@
 
 Edge module: it returns bytes and never interprets them. httpx exceptions stay inside and
 become ``OriginUnreachableError`` (transport: exit 5) or, for a body over its size limit,
-``RejectedError`` (contract §3.1: exit 4).
+``RejectedError`` (docs/contract.md §3.1: exit 4).
 
 Policy, all enforced while reading (a hostile or broken origin must not hold the node):
 * the size limit stops the read at limit + 1 bytes, whatever Content-Length says;

@@ -5,7 +5,7 @@ Where it sits: every part of the model store (``index``, ``blobs``, ``trees``, `
 each snapshot's models with ``check_models`` before anything is fetched or linked. Names and
 paths reach the disk only once they passed here.
 
-Layout (contract §4), under ``paths.models``::
+Layout (docs/contract.md §4), under ``paths.models``::
 
     blobs/sha256/<hex>           one file per digest, read-only, verified before it got its name
     <name>/<version>/<path>      installed trees: hard links to the blobs

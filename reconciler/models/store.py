@@ -9,7 +9,7 @@ store for the models of the snapshot (``ensure``, or ``missing_blobs`` → ``che
 ``ModelStore`` is the one door callers outside ``reconciler.models`` use; it composes the
 store's parts, which share one ``Index``:
 
-* ``layout`` — the folders (contract §4) and what names and paths may be laid out;
+* ``layout`` — the folders (docs/contract.md §4) and what names and paths may be laid out;
 * ``index`` — ``models/.index.json``: the verified blobs, fetch failures, installed trees;
 * ``blobs`` — ``blobs/sha256/<hex>``: verify a blob against its digest, adopt a download;
 * ``fetcher`` — the space check and the threaded downloads of missing blobs;

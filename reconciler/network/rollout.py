@@ -1,4 +1,4 @@
-"""The network's side of staged rollouts (contract §8): waves from the command line, changes
+"""The network's side of staged rollouts (docs/contract.md §8): waves from the command line, changes
 to a published head's rollout, and which node falls into which wave.
 
 Edge module (files), used by ``reconcile publish`` and ``reconcile rollout``. The rules of a

@@ -2,7 +2,7 @@
 
 Edge module (reads git, files). Every commit reachable from HEAD, ``main`` and the snapshot refs
 is re-verified against the root that accepted it (``Root-Version``), ignoring expiry and
-serial (contract §3); every receipt against ``node.pub``; the hash of every model blob and
+serial (docs/contract.md §3); every receipt against ``node.pub``; the hash of every model blob and
 installed model file (via the model store). It reports each problem; it repairs nothing.
 """
 

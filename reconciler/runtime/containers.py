@@ -142,7 +142,7 @@ def _check_started(
     if code == 404:
         raise ContainerError(f"{where}: container {container_id[:12]} is gone")
     # Podman could not start what the snapshot defined (no such executable, a port in
-    # use, a device that will not attach): the snapshot's fault by contract §5.
+    # use, a device that will not attach): the snapshot's fault by docs/contract.md §5.
     reason = body_reason(str(response.text))
     discard(connection, container_id)
     raise SnapshotFaultError(f"{where}: container would not {doing}: {reason}")

@@ -1,4 +1,4 @@
-"""Operator hooks (contract §7): ``pre-apply`` may veto, ``post-apply`` may extend.
+"""Operator hooks (docs/contract.md §7): ``pre-apply`` may veto, ``post-apply`` may extend.
 
 Edge module (subprocesses). A hook runs in its own process group with a timeout that kills
 the whole group, and whatever the hook leaves in its group is killed when it is done (a hook

@@ -25,7 +25,7 @@ Rules the package keeps, whichever module carries them out:
     rename, a name already taken, a network that is not ours) → ``ContainerError``;
   - a container that will not start, exits, is restarted by Podman or fails its health check
     while being gated → ``SnapshotFaultError``. Only this one makes the agent roll back and
-    quarantine the snapshot (contract §5).
+    quarantine the snapshot (docs/contract.md §5).
 
 * A container without the managed label is never stopped, removed, renamed or signalled, and a
   plan with conflicts (such a container holding a desired name) is refused before any change.

@@ -14,7 +14,7 @@ state:
 
 The parsers' own properties (any bytes → a verdict or one of the project's errors) are in
 tests/test_properties.py; here are the two defences that keep a snapshot inside the node's
-folders (contract §2): container mounts and model file paths.
+folders (docs/contract.md §2): container mounts and model file paths.
 """
 
 from __future__ import annotations
