@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from reconciler.core.documents import Snapshot
 from reconciler.core.participation import ParticipationView, participation, runtime_files
 from reconciler.core.specs import ContainerSpec, container_specs
-from reconciler.core.trust import reverify_snapshot
 from reconciler.history.node import Node
 
 __all__ = ["ApplyTarget", "load_target"]
@@ -36,16 +35,7 @@ class ApplyTarget:
 
 def load_target(node: Node, oid: str) -> ApplyTarget:
     """Re-verify a commit against the root that accepted it and compute the node's target."""
-    info = node.history.info(oid)
-    payload, envelope = node.history.blobs(oid)
-    root = node.roots.version(info.root_version).root
-    verified = reverify_snapshot(
-        root,
-        envelope_bytes=envelope,
-        payload_bytes=payload,
-        digest=info.digest,
-        network=node.network,
-    )
+    info, verified = node.reverify(oid)
     snapshot = verified.snapshot
     view = participation(
         snapshot, vram_mib=node.settings.vram_mib, opt_out=node.settings.opt_out_subclouds

@@ -20,6 +20,8 @@ from reconciler.history.recordfile import load_node_state, save_node_state
 from reconciler.history.repo import History
 
 if TYPE_CHECKING:
+    from reconciler.core.trust import VerifiedSnapshot
+    from reconciler.history.repo import CommitInfo
     from reconciler.history.roots import RootChain
 
 __all__ = ["Node"]
@@ -69,6 +71,27 @@ class Node:
             return Ttl(**json.loads(payload)["ttl"])
         except (ReconcilerError, ValueError, KeyError, TypeError):
             return None
+
+    def reverify(self, oid: str) -> tuple[CommitInfo, VerifiedSnapshot]:
+        """A stored commit checked again against the root that accepted it (its
+        ``Root-Version``), ignoring expiry and serial: what apply, rollback and verify trust.
+
+        Raises ``HistoryError`` for a commit that cannot be read, ``RejectedError`` for one
+        that no longer verifies.
+        """
+        from reconciler.core.trust import reverify_snapshot
+
+        info = self.history.info(oid)
+        payload, envelope = self.history.blobs(oid)
+        root = self.roots.version(info.root_version).root
+        verified = reverify_snapshot(
+            root,
+            envelope_bytes=envelope,
+            payload_bytes=payload,
+            digest=info.digest,
+            network=self.network,
+        )
+        return info, verified
 
     def floor(self) -> tuple[int, str | None]:
         """The anti-rollback floor: the higher of the record and the git ref's serial."""

@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass
 
 from reconciler.core.errors import HistoryError, RejectedError
-from reconciler.core.trust import reverify_snapshot
 from reconciler.history.node import Node
 
 __all__ = [
@@ -56,16 +55,7 @@ def verify_history(node: Node) -> tuple[int, list[Finding]]:
     for oid in oids:
         commits += 1
         try:
-            info = node.history.info(oid)
-            payload, envelope = node.history.blobs(oid)
-            root = node.roots.version(info.root_version).root
-            verified = reverify_snapshot(
-                root,
-                envelope_bytes=envelope,
-                payload_bytes=payload,
-                digest=info.digest,
-                network=node.network,
-            )
+            info, verified = node.reverify(oid)
             if verified.snapshot.serial != info.serial:
                 raise RejectedError(f"commit {oid[:12]}", "Serial trailer differs from the payload")
         except (HistoryError, RejectedError) as exc:
