@@ -1,4 +1,4 @@
-"""desired.container_specs: snapshot runtimes → container specs (pure, no Podman)."""
+"""core.specs.container_specs: snapshot runtimes → container specs (pure, no Podman)."""
 
 from __future__ import annotations
 
