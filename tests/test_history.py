@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from reconciler.core.errors import HistoryError
+from reconciler.core.rollout import Admission, Position
 from reconciler.history.repo import History, StoredSnapshot
 from reconciler.history.trailers import CommitInfo, commit_info, commit_message
 from tests.support.origin_fixtures import NodeUnderTest, repository_refs, stock_git
@@ -300,6 +302,70 @@ def test_a_commit_message_reads_back_as_the_trailers_it_was_written_with() -> No
     )
     with pytest.raises(HistoryError, match="commit cccccccccccc lacks the reconciler trailers"):
         commit_info("operator notes\n\nSerial: seven\n", oid="c" * 40, time=5)
+
+
+WAVE_3 = Admission(wave=3, wave_at=1_764_669_600, position=Position(3721))  # 2025-12-02T10:00Z
+
+
+def test_a_commit_through_a_rollout_wave_carries_the_rollout_trailers(
+    history: History, repo: Path, network: RepositorySimulator
+) -> None:
+    release = network.release(7)
+    snapshot = replace(stored(network, release), admission=WAVE_3)
+
+    oid, _ = history.store(snapshot, advance=True)
+
+    trailers = git(repo, "log", "-1", "--format=%(trailers:only,unfold)").strip().splitlines()
+    assert trailers[-4:] == [
+        "Reason: fetch",
+        "Rollout-Wave: 3",
+        "Rollout-Wave-At: 2025-12-02T10:00:00Z",
+        "Rollout-Position: 37.21",
+    ]
+    assert history.info(oid).admission == WAVE_3
+    assert git(repo, "log", "-1", "--format=%(trailers:key=Rollout-Wave,valueonly)").strip() == "3"
+
+
+def test_advancing_to_a_snapshot_that_waited_for_its_wave_records_the_wave(
+    history: History, repo: Path, network: RepositorySimulator
+) -> None:
+    one, _ = history.store(stored(network, network.release(1)), advance=True)
+    later = network.release(2, mutate_snapshot=lambda s: s["jobs"].update(max_queue=2))
+    waiting, _ = history.store(stored(network, later), advance=False)
+    assert history.info(waiting).admission is None  # it waited: no wave yet
+
+    tip = history.advance_to(waiting, admission=WAVE_3)
+
+    assert tip != waiting and history.main_tip() == tip == history.head_oid()
+    info = history.info(tip)
+    assert (info.serial, info.reason, info.admission) == (2, "fetch", WAVE_3)
+    assert git(repo, "rev-parse", "main^").strip() == one
+    tree = git(repo, "rev-parse", f"{waiting}^{{tree}}")
+    assert git(repo, "rev-parse", f"{tip}^{{tree}}") == tree
+    assert history.snapshot_ref(later.digest) == waiting
+    # A rollback to it later is not "through a wave": the new commit has no Rollout trailers.
+    assert history.info(history.recommit(one, reason="rollback")).admission is None
+    assert history.info(history.recommit(tip, reason="rollback")).admission is None
+
+
+def test_advancing_without_a_wave_still_fast_forwards(
+    history: History, network: RepositorySimulator
+) -> None:
+    history.store(stored(network, network.release(1)), advance=True)
+    later = network.release(2, mutate_snapshot=lambda s: s["jobs"].update(max_queue=2))
+    waiting, _ = history.store(stored(network, later), advance=False)
+
+    assert history.advance_to(waiting) == waiting == history.main_tip()
+
+
+def test_a_malformed_rollout_trailer_is_a_history_error() -> None:
+    message = (
+        "Accept snapshot 7 (sha256:abababababab…)\n\nConfig-Digest: sha256:" + "ab" * 32 + "\n"
+        "Serial: 7\nNetwork: testnet\nRoot-Version: 1\nSigned-By: k1\nReason: fetch\n"
+        "Rollout-Wave: 3\nRollout-Wave-At: 2025-12-02T10:00:00Z\nRollout-Position: 37.2\n"
+    )
+    with pytest.raises(HistoryError, match="lacks the reconciler trailers"):
+        commit_info(message, oid="c" * 40, time=5)
 
 
 # ---- through the command ----------------------------------------------------------------

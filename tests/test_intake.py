@@ -1002,3 +1002,33 @@ def test_fetch_during_an_operator_hold_stores_the_snapshot_as_waiting(
     report = node.status()
     assert report["hold"]["active"]
     assert report["waiting"] == [{"digest": third.digest, "serial": 3}]
+
+
+def test_a_head_refetched_during_a_hold_is_decided_again_and_still_waits(
+    node: NodeUnderTest, simulator: RepositorySimulator, first: Release
+) -> None:
+    simulator.publish(mutate_snapshot=lambda s: s["jobs"].update(max_queue=2))
+    node.fetch().ok()
+    held = node.git("rev-parse", f"refs/snapshots/{first.hex}").strip()
+    node.git("checkout", "-q", "--detach", held)
+    third = simulator.publish(mutate_snapshot=lambda s: s["jobs"].update(max_queue=3))
+    node.fetch().ok()
+    before = node.snapshot()
+    # The same snapshot under a re-signed head (another ETag, so no 304 short-cuts it).
+    later = format_time(simulator.now + 3 * 86400)
+    simulator.serve(
+        simulator.release(
+            3,
+            mutate_snapshot=lambda s: s["jobs"].update(max_queue=3),
+            mutate_head=lambda h: h.update(expires=later),
+        )
+    )
+
+    outcome = node.fetch().ok()
+
+    assert outcome.stdout == (
+        f"snapshot 3 ({third.digest}) stored, waiting: hold (HEAD moved with git to {held[:12]})\n"
+    )
+    assert node.snapshot() == before
+    assert node.status()["waiting"] == [{"digest": third.digest, "serial": 3}]
+    assert node.status()["last_accepted"]["head_expires"] == later

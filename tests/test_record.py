@@ -16,6 +16,7 @@ import pytest
 
 from reconciler.core import record
 from reconciler.core.record import AcceptedHead, LastError, NodeState
+from reconciler.core.rollout import Admission, Position, Rollout, RolloutWait, Wave
 
 AT = "2026-01-02T03:04:05Z"
 D1, D2, D3 = ("sha256:" + c * 64 for c in "123")
@@ -36,6 +37,21 @@ BUSY = NodeState(
     converged=True,
     counters={"rollbacks": 1},
 )
+
+# A snapshot (D1, serial 9) that waits for wave 2 of its rollout; its replacement (D2, 10).
+ROLLOUT = Rollout(waves=(Wave(at=1000, percent=5), Wave(at=2000, percent=100)), salt="s")
+WAIT_D1 = RolloutWait(digest=D1, serial=9, position=Position(3721), rollout=ROLLOUT)
+WAIT_D2 = RolloutWait(digest=D2, serial=10, position=Position(3721), rollout=ROLLOUT)
+WAVE_2 = Admission(wave=2, wave_at=2000, position=Position(3721))
+ENTERED_D1 = {
+    "digest": D1,
+    "serial": 9,
+    "wave": 2,
+    "wave_at": "1970-01-01T00:33:20Z",
+    "position": "37.21",
+    "at": AT,
+}
+WAITING = replace(BUSY, waiting=(D3, D1), rollout_wait=WAIT_D1.to_record())
 
 Transition = Callable[[NodeState], NodeState]
 
@@ -106,6 +122,94 @@ CASES: list[tuple[str, NodeState, Transition, dict[str, Any]]] = [
             ),
         ),
         {"last_fetch_ok_at": AT, "last_serial": 8, "last_digest": D3, "last_head_expires": "x"},
+    ),
+    (
+        "fetch-head-whose-rollout-keeps-it-out-waits-with-the-rollout",
+        replace(BUSY, waiting=()),
+        lambda s: record.fetch_succeeded(
+            s,
+            at=AT,
+            head=AcceptedHead(
+                serial=9,
+                digest=D1,
+                expires="later",
+                etag='"e"',
+                new_head=None,
+                waiting=True,
+                rollout_wait=WAIT_D1,
+            ),
+        ),
+        {
+            "last_fetch_ok_at": AT,
+            "last_serial": 9,
+            "last_digest": D1,
+            "last_head_expires": "later",
+            "head_etag": '"e"',
+            "waiting": [D1],
+            "rollout_wait": WAIT_D1.to_record(),
+        },
+    ),
+    (
+        "fetch-higher-serial-supersedes-the-snapshot-waiting-for-its-wave",
+        WAITING,
+        lambda s: record.fetch_succeeded(
+            s,
+            at=AT,
+            head=AcceptedHead(
+                serial=10,
+                digest=D2,
+                expires="later",
+                etag=None,
+                new_head=None,
+                waiting=True,
+                rollout_wait=WAIT_D2,
+            ),
+        ),
+        {
+            "last_fetch_ok_at": AT,
+            "last_serial": 10,
+            "last_head_expires": "later",
+            "waiting": [D3, D2],
+            "rollout_wait": WAIT_D2.to_record(),
+        },
+    ),
+    (
+        "fetch-through-the-wave-records-the-entry",
+        WAITING,
+        lambda s: record.fetch_succeeded(
+            s,
+            at=AT,
+            head=AcceptedHead(
+                serial=9,
+                digest=D1,
+                expires="later",
+                etag=None,
+                new_head="beef",
+                waiting=False,
+                admission=WAVE_2,
+            ),
+        ),
+        {
+            "last_fetch_ok_at": AT,
+            "last_serial": 9,
+            "last_digest": D1,
+            "last_head_expires": "later",
+            "expected_head": "beef",
+            "waiting": [D3],
+            "rollout_wait": None,
+            "rollout_entered": ENTERED_D1,
+        },
+    ),
+    (
+        "entered-wave-without-a-new-head",
+        WAITING,
+        lambda s: record.entered_wave(s, wait=WAIT_D1, admission=WAVE_2, head="beef", at=AT),
+        {
+            "expected_head": "beef",
+            "waiting": [D3],
+            "rollout_wait": None,
+            "rollout_entered": ENTERED_D1,
+        },
     ),
     (
         "fetch-rejected-counts-the-rejection",
@@ -269,6 +373,12 @@ CASES: list[tuple[str, NodeState, Transition, dict[str, Any]]] = [
         {"hold": False, "hold_reason": None, "quarantined": [], "waiting": []},
     ),
     (
+        "release-keeps-waiting-what-its-wave-keeps-out",
+        replace(WAITING, hold=True, hold_reason="rollback"),
+        record.release,
+        {"hold": False, "hold_reason": None, "quarantined": [], "waiting": [D1]},
+    ),
+    (
         "quarantine-twice-is-once",
         BUSY,
         lambda s: record.quarantine(record.quarantine(s, D2), D2),
@@ -326,6 +436,15 @@ def test_a_fetch_failure_must_be_of_a_fetch_kind() -> None:
 )
 def test_head_moved(state: NodeState, head: str | None, moved: bool) -> None:
     assert record.head_moved(state, head) is moved
+
+
+def test_a_rollout_wait_reads_back_from_its_record_form_and_an_unreadable_one_is_none() -> None:
+    assert RolloutWait.from_record(WAIT_D1.to_record()) == WAIT_D1
+    assert RolloutWait.from_record(json.loads(json.dumps(WAIT_D1.to_record()))) == WAIT_D1
+    broken = {**WAIT_D1.to_record(), "position": 10000}
+    assert RolloutWait.from_record(broken) is None
+    assert RolloutWait.from_record({"digest": D1}) is None
+    assert RolloutWait.from_record(None) is None
 
 
 def test_the_fetch_error_kinds_are_what_intake_records() -> None:

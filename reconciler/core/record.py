@@ -7,15 +7,18 @@ snapshot, the last error and what ``status`` shows. The floor is also mirrored b
 reads and writes it as ``<state>/node-state.json``.
 
 Its state machine is the functions below: intake (``fetch_succeeded``, ``fetch_failed``,
-``head_moved_to``), the apply transaction (``begin_apply`` … ``end_apply``) and the
-operator's controls (``rolled_back``, ``release``) each return a new record, which the caller
-saves. No other module builds a changed ``NodeState`` itself.
+``head_moved_to``, ``entered_wave``), the apply transaction (``begin_apply`` …
+``end_apply``) and the operator's controls (``rolled_back``, ``release``) each return a new
+record, which the caller saves. No other module builds a changed ``NodeState`` itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from reconciler.core.documents import format_time
+from reconciler.core.rollout import Admission, RolloutWait
 
 __all__ = [
     "FETCH_ERROR_KINDS",
@@ -28,6 +31,7 @@ __all__ = [
     "begin_apply",
     "clear_apply_error",
     "end_apply",
+    "entered_wave",
     "expect_head",
     "fetch_failed",
     "fetch_succeeded",
@@ -79,6 +83,12 @@ class NodeState:
     # {"version", "digest", "exit_code", "at"}.
     agent_update: dict[str, Any] | None = None
     counters: dict[str, int] = field(default_factory=dict)
+    # The snapshot the newest head's rollout keeps out of HEAD, with that rollout, so status,
+    # watch and the wave's opening need no fetch (docs/contract.md §8): ``RolloutWait``'s form.
+    rollout_wait: dict[str, Any] | None = None
+    # The last time HEAD moved through a rollout wave: {"digest", "serial", "wave", "wave_at",
+    # "position", "at"} (``position`` as text, "37.21").
+    rollout_entered: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +100,10 @@ class AcceptedHead:
     expires: str
     etag: str | None
     new_head: str | None  # the commit ``main`` moved to; None if it did not move
-    waiting: bool  # stored, but may not become HEAD yet (hold, quarantine)
+    waiting: bool  # stored, but may not become HEAD yet (hold, quarantine, rollout)
+    # The head's rollout, while its snapshot is not HEAD (None: no rollout, or taken).
+    rollout_wait: RolloutWait | None = None
+    admission: Admission | None = None  # the wave through which ``main`` moved to it
 
 
 def _bump(state: NodeState, counter: str) -> NodeState:
@@ -117,6 +130,7 @@ def fetch_succeeded(state: NodeState, *, at: str, head: AcceptedHead | None = No
     )
     if head is None:
         return state
+    state = _rollout_of_head(state, head, at=at)
     waits = head.waiting and head.digest not in state.waiting
     return replace(
         state,
@@ -126,6 +140,50 @@ def fetch_succeeded(state: NodeState, *, at: str, head: AcceptedHead | None = No
         head_etag=head.etag,
         expected_head=head.new_head if head.new_head is not None else state.expected_head,
         waiting=(*state.waiting, head.digest) if waits else state.waiting,
+    )
+
+
+def _rollout_of_head(state: NodeState, head: AcceptedHead, *, at: str) -> NodeState:
+    """The newest head's rollout decides: it replaces the one recorded before.
+
+    A head naming another digest has a higher serial (docs/contract.md §3.7), so a snapshot
+    that waited for its wave under the old head is no longer a candidate and leaves the
+    waiting list; so does the head's own snapshot once ``main`` moved to it.
+    """
+    waiting = state.waiting
+    previous = RolloutWait.from_record(state.rollout_wait)
+    if previous is not None and previous.digest != head.digest:
+        waiting = tuple(d for d in waiting if d != previous.digest)
+    if head.new_head is not None:
+        waiting = tuple(d for d in waiting if d != head.digest)
+    entered = state.rollout_entered
+    if head.admission is not None:
+        entered = _entered(head.digest, head.serial, head.admission, at=at)
+    wait = head.rollout_wait.to_record() if head.rollout_wait is not None else None
+    return replace(state, waiting=waiting, rollout_wait=wait, rollout_entered=entered)
+
+
+def _entered(digest: str, serial: int, admission: Admission, *, at: str) -> dict[str, Any]:
+    return {
+        "digest": digest,
+        "serial": serial,
+        "wave": admission.wave,
+        "wave_at": format_time(admission.wave_at),
+        "position": str(admission.position),
+        "at": at,
+    }
+
+
+def entered_wave(
+    state: NodeState, *, wait: RolloutWait, admission: Admission, head: str, at: str
+) -> NodeState:
+    """``main`` moved to the snapshot ``wait`` held back, its wave open, without a new head."""
+    return replace(
+        state,
+        expected_head=head,
+        waiting=tuple(d for d in state.waiting if d != wait.digest),
+        rollout_wait=None,
+        rollout_entered=_entered(wait.digest, wait.serial, admission, at=at),
     )
 
 
@@ -252,5 +310,9 @@ def rolled_back(state: NodeState, *, target: str, head: str | None, manual: bool
 
 
 def release(state: NodeState) -> NodeState:
-    """``reconcile resume``: lift the hold and every quarantine; nothing waits any more."""
-    return replace(state, hold=False, hold_reason=None, quarantined=(), waiting=())
+    """``reconcile resume``: lift the hold and every quarantine; nothing waits any more but
+    the snapshot the newest head's rollout names, which ``resume`` takes only if this node's
+    wave has opened (it respects rollouts)."""
+    wait = RolloutWait.from_record(state.rollout_wait)
+    waiting = tuple(d for d in state.waiting if wait is not None and d == wait.digest)
+    return replace(state, hold=False, hold_reason=None, quarantined=(), waiting=waiting)

@@ -12,6 +12,9 @@ Rules:
   with a percent is integer arithmetic and no float rounding can move a node across a wave.
 * The percent in force is that of the last wave whose ``at`` has come (0 before the first);
   a node is in when its position is below it.
+* A snapshot a node stored but may not take yet is remembered with the rollout that keeps it
+  out (``RolloutWait``, kept in the node record), so that ``status``, ``watch`` and the moment
+  the wave opens need neither the head nor the network again.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_SALT_CHARS",
     "MAX_WAVES",
+    "Admission",
     "Entry",
     "Position",
     "Rollout",
     "RolloutError",
+    "RolloutWait",
     "Wave",
+    "admission",
     "admits",
     "describe",
     "entry",
@@ -70,6 +76,14 @@ class Position:
         """position < percent, exactly."""
         return self.hundredths < percent * 100
 
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        """``37.21`` back to 3721 hundredths: exactly two decimals, as ``str`` writes them."""
+        whole, dot, fraction = text.partition(".")
+        if not (dot and whole.isdigit() and fraction.isdigit() and len(fraction) == 2):
+            raise ValueError(f"a position is written like 37.21, not {text!r}")
+        return cls(int(whole) * 100 + int(fraction))
+
 
 @dataclass(frozen=True)
 class Wave:
@@ -83,6 +97,15 @@ class Entry:
 
     wave: int  # 1-based, as operators count waves
     at: int  # epoch seconds
+
+
+@dataclass(frozen=True)
+class Admission:
+    """How a node came into a rollout: the wave that let it in, and where it stood."""
+
+    wave: int  # 1-based
+    wave_at: int  # when that wave opened, epoch seconds
+    position: Position
 
 
 @dataclass(frozen=True)
@@ -217,3 +240,73 @@ def describe(rollout: Rollout | None, place: Position, now: float) -> str:
     if found.at <= now:
         return f"{head}, in since {when} (wave {found.wave})"
     return f"{head}, enters at {when} (wave {found.wave})"
+
+
+def admission(rollout: Rollout, place: Position, now: float) -> Admission | None:
+    """The wave that has let a node at ``place`` in by ``now``; None while it is still out.
+
+    The same answer as ``admits``: the entry wave has opened exactly when the percent in force
+    is above the position, because percents never go down.
+    """
+    found = entry(rollout, place)
+    if found is None or found.at > now:
+        return None
+    return Admission(wave=found.wave, wave_at=found.at, position=place)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutWait:
+    """A stored snapshot that the rollout of the newest head naming it keeps out of HEAD.
+
+    The node record keeps it in the JSON form of ``to_record``; ``from_record`` reads that
+    back, and answers None for a form it cannot read (the next accepted head writes it anew).
+    """
+
+    digest: str
+    serial: int
+    position: Position
+    rollout: Rollout
+
+    def entry(self) -> Entry | None:
+        return entry(self.rollout, self.position)
+
+    def admission(self, now: float) -> Admission | None:
+        return admission(self.rollout, self.position, now)
+
+    def describe(self, now: float) -> str:
+        return describe(self.rollout, self.position, now)
+
+    def view(self, now: float) -> dict[str, Any]:
+        """JSON fields for ``status --json`` and node reports (docs/status.md)."""
+        found = self.entry()
+        return {
+            "position": str(self.position),
+            "position_hundredths": self.position.hundredths,
+            "percent_now": percent_now(self.rollout, now),
+            "wave": found.wave if found else None,
+            "enters_at": format_time(found.at) if found else None,
+            "in": admits(self.rollout, self.position, now),
+            "summary": self.describe(now),
+        }
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest,
+            "serial": self.serial,
+            "position": self.position.hundredths,
+            "rollout": self.rollout.to_payload(),
+        }
+
+    @classmethod
+    def from_record(cls, raw: dict[str, Any] | None) -> RolloutWait | None:
+        if not raw:
+            return None
+        try:
+            return cls(
+                digest=str(raw["digest"]),
+                serial=int(raw["serial"]),
+                position=Position(int(raw["position"])),
+                rollout=Rollout.from_payload(raw["rollout"]),
+            )
+        except (KeyError, TypeError, ValueError):  # RolloutError is a ValueError too
+            return None

@@ -4,6 +4,13 @@ Pure: the caller passes the time (``time.monotonic()`` seconds) and the random s
 here reads a clock, sleeps or touches a file. ``agent.loop`` reads HEAD's ``ttl``, turns it into
 a ``Timing``, and after each cycle asks the ``Schedule`` for the next one and for how long to
 sleep. Jitter spreads the polls of many nodes, so that an origin does not see them in step.
+
+A node whose snapshot waits for its rollout wave (docs/contract.md §8) fetches when that wave
+opens rather than a whole poll interval later: ``wake_for_wave`` brings the next fetch
+forward to the wave's time plus a small jitter, never before it. The jitter spreads the
+nodes of one wave over up to ``WAVE_JITTER_MAX_S`` (or a tenth of the poll interval, if that
+is less), so the origin and the registries and mirrors they then pull from are not hit by
+the whole wave in the same second.
 """
 
 from __future__ import annotations
@@ -13,7 +20,21 @@ from typing import Protocol
 
 from reconciler.core.documents import Ttl
 
-__all__ = ["Due", "RandomSource", "Schedule", "Timing", "backoff", "jittered", "timing_of"]
+__all__ = [
+    "WAVE_JITTER_FRACTION",
+    "WAVE_JITTER_MAX_S",
+    "Due",
+    "RandomSource",
+    "Schedule",
+    "Timing",
+    "backoff",
+    "jittered",
+    "timing_of",
+    "wave_jitter",
+]
+
+WAVE_JITTER_MAX_S = 60.0
+WAVE_JITTER_FRACTION = 0.1  # of the poll interval
 
 
 class RandomSource(Protocol):
@@ -57,6 +78,11 @@ def backoff(failures: int, timing: Timing, rng: RandomSource) -> float:
     """Exponential from retry_min_s to retry_max_s, with full jitter on the upper half."""
     ceiling = min(timing.retry_max_s, timing.retry_min_s * (2 ** max(0, failures - 1)))
     return rng.uniform(ceiling / 2, ceiling) if ceiling > timing.retry_min_s else ceiling
+
+
+def wave_jitter(timing: Timing, rng: RandomSource) -> float:
+    """Seconds after a wave opens that this node wakes: 0 to min(60 s, poll_s / 10)."""
+    return rng.uniform(0.0, min(WAVE_JITTER_MAX_S, WAVE_JITTER_FRACTION * timing.poll_s))
 
 
 @dataclass(frozen=True)
@@ -114,6 +140,19 @@ class Schedule:
             failures = 0
             wait = jittered(timing.poll_s, rng)
         return Schedule(next_fetch=now + wait, next_verify=next_verify, failures=failures)
+
+    def wake_for_wave(
+        self, *, opens_in_s: float | None, now: float, timing: Timing, rng: RandomSource
+    ) -> Schedule:
+        """The next fetch no later than a jittered moment after this node's wave opens.
+
+        ``opens_in_s``: seconds from ``now`` until the wave that lets this node in opens
+        (None, or not above 0: no wave to wait for). A fetch due sooner stays as it is.
+        """
+        if opens_in_s is None or opens_in_s <= 0:
+            return self
+        wake = now + opens_in_s + wave_jitter(timing, rng)
+        return replace(self, next_fetch=min(self.next_fetch, wake))
 
     def pause_s(self, *, now: float, timing: Timing, rng: RandomSource) -> float:
         """Seconds to sleep from ``now``: until the next fetch, but at most a jittered poll

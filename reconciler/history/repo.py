@@ -32,6 +32,7 @@ from pathlib import Path
 import pygit2
 
 from reconciler.core.errors import HistoryError
+from reconciler.core.rollout import Admission
 from reconciler.history.leftovers import clear_stale_locks, discard_interrupted_writes
 from reconciler.history.notes import ReceiptNotes
 from reconciler.history.refs import MAIN, Refs
@@ -220,8 +221,12 @@ class History:
             self._move_main(oid, expected=tip, log=_reflog("fetch", stored.serial))
         return oid, advance
 
-    def recommit(self, source: str, *, reason: str) -> str:
-        """A new commit on ``main`` with the tree and trailers of ``source`` and a new Reason."""
+    def recommit(self, source: str, *, reason: str, admission: Admission | None = None) -> str:
+        """A new commit on ``main`` with the tree and trailers of ``source`` and a new Reason.
+
+        ``source``'s own Rollout trailers are not copied: they said how it once became HEAD.
+        ``admission`` gives the new commit its own (it becomes HEAD through that wave).
+        """
         info = self.info(source)
         payload, envelope = self.blobs(source)
         stored = StoredSnapshot(
@@ -232,26 +237,30 @@ class History:
             signed_by=info.signed_by,
             payload=payload,
             envelope=envelope,
+            admission=admission,
         )
         tip = self.main_tip()
         oid = self._write_commit(stored, reason=reason, parent=tip)
         self._move_main(oid, expected=tip, log=_reflog(reason, info.serial))
         return oid
 
-    def advance_to(self, oid: str) -> str:
+    def advance_to(self, oid: str, *, admission: Admission | None = None) -> str:
         """Make the stored commit ``oid`` the tip of ``main``; returns the new tip.
 
         For a snapshot whose commit and ref were written by a pass that died before moving
-        ``main``: a fast-forward when ``main`` is still the commit's parent, otherwise a new
-        commit on top with the same tree and trailers (as ``recommit``).
+        ``main``, or one that waited for its rollout wave (``admission``: the commit that
+        moves ``main`` records that wave): a fast-forward when ``main`` is still the commit's
+        parent and its trailers already say so, otherwise a new commit on top with the same
+        tree and trailers (as ``recommit``).
         """
         commit = self._commit(oid)
+        info = self.info(oid)
         tip = self.main_tip()
         parents = [str(p) for p in commit.parent_ids]
-        if parents[:1] == ([tip] if tip else []):
-            self._move_main(oid, expected=tip, log=_reflog("fetch", self.info(oid).serial))
+        if parents[:1] == ([tip] if tip else []) and info.admission == admission:
+            self._move_main(oid, expected=tip, log=_reflog("fetch", info.serial))
             return oid
-        return self.recommit(oid, reason="fetch")
+        return self.recommit(oid, reason="fetch", admission=admission)
 
     def reattach_main(self) -> None:
         """Point a detached HEAD back at ``main`` and check it out (used by ``resume``)."""

@@ -3,13 +3,19 @@
 Pure text, used only by ``history.repo``: ``commit_message`` writes the message of a new
 commit, ``commit_info`` reads one back. It never opens the repository and decides nothing
 about trust; a message without the trailers (an operator's own commit) is a ``HistoryError``.
+
+A commit that moved ``main`` through a rollout wave (docs/contract.md §8) also carries
+``Rollout-Wave: N``, ``Rollout-Wave-At: <time>`` (when that wave opened) and
+``Rollout-Position: 37.21`` (where this node stood), after ``Reason``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from reconciler.core.documents import format_time, parse_time
 from reconciler.core.errors import HistoryError
+from reconciler.core.rollout import Admission, Position
 
 __all__ = ["CommitInfo", "StoredSnapshot", "commit_info", "commit_message"]
 
@@ -28,6 +34,7 @@ class StoredSnapshot:
     signed_by: tuple[str, ...]
     payload: bytes
     envelope: bytes
+    admission: Admission | None = None  # the wave it becomes HEAD through (trailers)
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class CommitInfo:
     signed_by: tuple[str, ...]
     reason: str
     time: int  # commit time, epoch seconds
+    admission: Admission | None = None  # from the Rollout-* trailers
 
     @property
     def hex(self) -> str:
@@ -56,6 +64,26 @@ def commit_message(stored: StoredSnapshot, *, reason: str) -> str:
         f"Root-Version: {stored.root_version}\n"
         f"Signed-By: {', '.join(sorted(stored.signed_by))}\n"
         f"Reason: {reason}\n"
+    ) + _rollout_trailers(stored.admission)
+
+
+def _rollout_trailers(admission: Admission | None) -> str:
+    if admission is None:
+        return ""
+    return (
+        f"Rollout-Wave: {admission.wave}\n"
+        f"Rollout-Wave-At: {format_time(admission.wave_at)}\n"
+        f"Rollout-Position: {admission.position}\n"
+    )
+
+
+def _admission(trailers: dict[str, str]) -> Admission | None:
+    if "Rollout-Wave" not in trailers:
+        return None
+    return Admission(
+        wave=int(trailers["Rollout-Wave"]),
+        wave_at=parse_time(trailers["Rollout-Wave-At"]),
+        position=Position.parse(trailers["Rollout-Position"]),
     )
 
 
@@ -81,6 +109,7 @@ def commit_info(message: str, *, oid: str, time: int) -> CommitInfo:
             signed_by=tuple(s.strip() for s in t["Signed-By"].split(",") if s.strip()),
             reason=t["Reason"],
             time=time,
+            admission=_admission(t),
         )
     except (KeyError, ValueError) as exc:
         raise HistoryError(f"commit {oid[:12]} lacks the reconciler trailers") from exc

@@ -5,9 +5,13 @@ checks with one ``now`` for the whole fetch, persists accepted roots, and commit
 snapshot through ``history``. It applies nothing.
 
 Whether ``main`` advances (docs/contract.md §4): only to a higher serial than HEAD's, only
-when no hold is active and the digest is not quarantined; otherwise the snapshot is stored
-under its ref alone and waits. Rejections and transport failures are recorded for ``status``
-and re-raised.
+when no hold is active and the digest is not quarantined, and, for a head with a rollout
+(docs/contract.md §8), only once this node's wave has opened; otherwise the snapshot is
+stored under its ref alone and waits. Holds, quarantine and pins come before the rollout. The
+anti-rollback floor rises with every accepted head, whatever the wave. The rollout of the
+newest head is kept in the node record with its waiting snapshot, so that ``enter_wave`` can
+move ``main`` when the wave opens without asking the origin again. Rejections and transport
+failures are recorded for ``status`` and re-raised.
 """
 
 from __future__ import annotations
@@ -16,15 +20,22 @@ import time
 from dataclasses import dataclass
 
 from reconciler.core.documents import Head, Root, format_time, parse_time
-from reconciler.core.errors import OriginUnreachableError, ReconcilerError, RejectedError
+from reconciler.core.errors import (
+    HistoryError,
+    OriginUnreachableError,
+    ReconcilerError,
+    RejectedError,
+)
 from reconciler.core.record import (
     AcceptedHead,
     LastError,
+    entered_wave,
     fetch_failed,
     fetch_succeeded,
     head_moved,
     head_moved_to,
 )
+from reconciler.core.rollout import Admission, RolloutWait, head_position
 from reconciler.core.trust import (
     DEFAULT_LIMITS,
     TrustLimits,
@@ -36,11 +47,15 @@ from reconciler.core.trust import (
     verify_next_root,
     verify_snapshot,
 )
+from reconciler.disk.keys import read_public_key
 from reconciler.history.node import Node
 from reconciler.history.repo import StoredSnapshot
 from reconciler.intake.origin import Origin
 
-__all__ = ["FetchResult", "fetch", "note_moved_head"]
+__all__ = ["FetchResult", "enter_wave", "fetch", "note_moved_head"]
+
+# Why a snapshot waits when HEAD is already at (or past) its serial.
+_HIGHER = "HEAD has a higher serial"
 
 
 @dataclass(frozen=True)
@@ -49,6 +64,22 @@ class FetchResult:
     digest: str | None
     serial: int | None
     message: str
+
+
+@dataclass(frozen=True)
+class _Gate:
+    """Whether a verified snapshot becomes HEAD now: if not, why, and what it waits for."""
+
+    why: str | None  # None: it advances
+    wait: RolloutWait | None = None  # the head's rollout, while the snapshot waits
+    admission: Admission | None = None  # the wave it advances through
+
+    @property
+    def advance(self) -> bool:
+        return self.why is None
+
+
+_CURRENT = _Gate(why=None)  # the head names HEAD's own snapshot: nothing to decide
 
 
 def _walk_roots(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> Root:
@@ -109,7 +140,8 @@ def _fetch(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> Fe
         if state.last_head_expires is not None:
             check_cached_head_fresh(parse_time(state.last_head_expires), now=now, limits=limits)
         node.save(fetch_succeeded(node.state, at=format_time(now)))
-        return FetchResult(
+        # The head is the one already recorded, with its rollout: a wave may have opened.
+        return enter_wave(node, now=now) or FetchResult(
             "current", state.last_digest, state.last_serial, "head.json not modified"
         )
     floor_serial, floor_digest = node.floor()
@@ -123,7 +155,7 @@ def _fetch(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> Fe
         limits=limits,
     )
     head = verified_head.head
-    status = _store_or_advance(node, origin, root, head, now=now, limits=limits)
+    status, gate = _store_or_advance(node, origin, root, head, now=now, limits=limits)
     accepted = AcceptedHead(
         serial=head.serial,
         digest=head.config_digest,
@@ -131,23 +163,38 @@ def _fetch(node: Node, origin: Origin, *, now: float, limits: TrustLimits) -> Fe
         etag=answer.etag,
         new_head=history.head_oid() if status == "new" else None,
         waiting=status == "waiting",
+        rollout_wait=gate.wait,
+        admission=gate.admission if status == "new" else None,
     )
     node.save(fetch_succeeded(node.state, at=format_time(now), head=accepted))
+    return FetchResult(status, head.config_digest, head.serial, _message(status, head, gate))
+
+
+def _message(status: str, head: Head, gate: _Gate) -> str:
+    named = f"snapshot {head.serial} ({head.config_digest})"
+    if status == "waiting":
+        return f"{named} stored, waiting: {gate.why}"
     if status == "new":
-        message = f"snapshot {head.serial} ({head.config_digest}) is the new HEAD"
-    elif status == "waiting":
-        why = _why_waiting(node, head.config_digest)
-        message = f"snapshot {head.serial} ({head.config_digest}) stored, waiting: {why}"
-    else:
-        message = f"snapshot {head.serial} ({head.config_digest}) is current"
-    return FetchResult(status, head.config_digest, head.serial, message)
+        return f"{named} is the new HEAD{_through(gate.admission)}"
+    return f"{named} is current"
+
+
+def _through(admission: Admission | None) -> str:
+    if admission is None:
+        return ""
+    return f" (rollout wave {admission.wave}, this node at {admission.position} %)"
 
 
 def _store_or_advance(
     node: Node, origin: Origin, root: Root, head: Head, *, now: float, limits: TrustLimits
-) -> str:
+) -> tuple[str, _Gate]:
     """Fetch, verify and store the snapshot ``head`` names, unless stored already; move
-    ``main`` to it if it may advance. Returns the fetch status: new, waiting or current."""
+    ``main`` to it if it may advance. Returns the fetch status (new, waiting or current) and
+    the decision that gave it.
+
+    A head naming a snapshot already stored is decided again: it may be the same snapshot
+    re-signed with another rollout (paused, resumed, re-timed), or one whose wave has opened.
+    """
     history = node.history
     existing = history.snapshot_ref(head.config_digest)
     if existing is None:
@@ -156,7 +203,7 @@ def _store_or_advance(
         verified = verify_snapshot(
             root, body, head=head, network=node.network, now=now, limits=limits
         )
-        advance = _may_advance(node, serial=verified.snapshot.serial, digest=verified.digest)
+        gate = _gate(node, head, serial=verified.snapshot.serial, now=now)
         history.store(
             StoredSnapshot(
                 digest=verified.digest,
@@ -166,19 +213,80 @@ def _store_or_advance(
                 signed_by=verified.signed_by,
                 payload=verified.payload,
                 envelope=verified.envelope,
+                admission=gate.admission,
             ),
-            advance=advance,
+            advance=gate.advance,
         )
-        return "new" if advance else "waiting"
+        return ("new" if gate.advance else "waiting"), gate
     stored_serial = history.info(existing).serial
     check_stored_snapshot(head, stored_serial=stored_serial)
-    # Stored by a pass that was killed before main moved to it: finish that move.
-    if history.head_oid() != existing and _may_advance(
-        node, serial=stored_serial, digest=head.config_digest
-    ):
-        history.advance_to(existing)
-        return "new"
-    return "current"
+    # A node never leaves a snapshot it took because of a rollout: HEAD's own is current.
+    if history.head_oid() == existing or _head_names(node, head.config_digest):
+        return "current", _CURRENT
+    gate = _gate(node, head, serial=stored_serial, now=now)
+    if not gate.advance:
+        return "waiting", gate
+    # Its wave has opened, or a pass was killed before main moved to it: finish that move.
+    history.advance_to(existing, admission=gate.admission)
+    return "new", gate
+
+
+def _head_names(node: Node, digest: str) -> bool:
+    """Whether HEAD is a commit of ``digest`` (a rollback or resume commit of it, say)."""
+    head = node.history.head_oid()
+    try:
+        return head is not None and node.history.info(head).digest == digest
+    except HistoryError:  # an operator's own commit: not a snapshot at all
+        return False
+
+
+def _gate(node: Node, head: Head, *, serial: int, now: float) -> _Gate:
+    """Holds, quarantine and pins first; then the head's rollout at ``now``."""
+    note_moved_head(node)
+    why = _held_back(node, digest=head.config_digest, serial=serial)
+    wait = None
+    if head.rollout is not None:
+        _keyid, public_key = read_public_key(node.paths.node_pub)
+        wait = RolloutWait(
+            digest=head.config_digest,
+            serial=serial,
+            position=head_position(head, public_key),
+            rollout=head.rollout,
+        )
+    admission = wait.admission(now) if wait is not None else None
+    if why is None and wait is not None and admission is None:
+        why = wait.describe(now)
+    if why is not None:
+        return _Gate(why=why, wait=wait)
+    return _Gate(why=None, admission=admission)
+
+
+def enter_wave(node: Node, *, now: float | None = None) -> FetchResult | None:
+    """Move ``main`` to the snapshot that waits for its rollout wave, if it opened by ``now``.
+
+    No network: the rollout recorded with the snapshot decides, but only while the head that
+    carried it is unexpired (a node that cannot learn of a newer head, a pause perhaps, does
+    not go on under an expired one). Holds, quarantine and pins come first, as in a fetch.
+    Returns None when nothing enters.
+    """
+    now = time.time() if now is None else now
+    state = node.state
+    wait = RolloutWait.from_record(state.rollout_wait)
+    admission = wait.admission(now) if wait is not None else None
+    expires = state.last_head_expires
+    if wait is None or admission is None or expires is None or parse_time(expires) <= now:
+        return None
+    oid = node.history.snapshot_ref(wait.digest)
+    if oid is None:
+        return None
+    note_moved_head(node)
+    if _held_back(node, digest=wait.digest, serial=wait.serial) is not None:
+        return None
+    new_head = node.history.advance_to(oid, admission=admission)
+    at = format_time(now)
+    node.save(entered_wave(node.state, wait=wait, admission=admission, head=new_head, at=at))
+    message = f"snapshot {wait.serial} ({wait.digest}) is the new HEAD{_through(admission)}"
+    return FetchResult("new", wait.digest, wait.serial, message)
 
 
 def note_moved_head(node: Node) -> None:
@@ -193,17 +301,16 @@ def note_moved_head(node: Node) -> None:
     node.save(head_moved_to(node.state, head=head, by_reconciler=by_reconciler))
 
 
-def _may_advance(node: Node, *, serial: int, digest: str) -> bool:
-    note_moved_head(node)
-    if node.state.hold or digest in node.state.quarantined:
-        return False
-    head = node.history.head_oid()
-    return head is None or node.history.info(head).serial < serial
+def _held_back(node: Node, *, digest: str, serial: int) -> str | None:
+    """Why a snapshot may not become HEAD whatever its rollout says; None if nothing holds it.
 
-
-def _why_waiting(node: Node, digest: str) -> str:
+    Call after ``note_moved_head``, so that a HEAD moved with git counts as the hold it is.
+    """
     if digest in node.state.quarantined:
         return "quarantined"
     if node.state.hold:
         return f"hold ({node.state.hold_reason or 'rollback'})"
-    return "HEAD has a higher serial"
+    head = node.history.head_oid()
+    if head is not None and node.history.info(head).serial >= serial:
+        return _HIGHER
+    return None
