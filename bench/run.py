@@ -46,6 +46,7 @@ BENCHMARKS = (
     "noop",
     "watch_memory",
     "downtime",
+    "fleet",
 )
 RESULTS = _ROOT / "bench" / "results.json"
 

@@ -516,7 +516,7 @@ def _refresh(
     "node_paths",
     multiple=True,
     type=click.Path(exists=True),
-    help="Node keys (repeat): .pub files, folders of them, or lists of hex keys.",
+    help="Node keys (repeat): .pub files, lists of hex keys, node reports, or folders of them.",
 )
 @click.option("--at", "at", metavar="TIME", help="Look at this time instead of now (+1h, …).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
@@ -527,13 +527,54 @@ def rollout(head_path: str, node_paths: tuple[str, ...], at: str | None, as_json
 
     now = time.time()
     moment = parse_moment(at, now=now) if at is not None else now
-    view = view_rollout(
-        read_head(Path(head_path)), read_node_keys(Path(p) for p in node_paths), now=moment
-    )
+    keys = read_node_keys((Path(p) for p in node_paths), now=now)
+    view = view_rollout(read_head(Path(head_path)), keys, now=moment)
     if as_json:
         click.echo(json.dumps(view.to_json(), sort_keys=True))
     else:
         click.echo("\n".join(view.describe()))
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), help="Write a page here.")
+@click.option("--network", type=click.Choice(["testnet", "mainnet"]), help="Default: the head's.")
+@click.option("--head", "head_path", type=click.Path(exists=True), help="head.json: its waves.")
+@click.option(
+    "--heartbeat",
+    "heartbeat_s",
+    type=click.FloatRange(min=1),
+    default=30.0,
+    show_default=True,
+    help="ttl.heartbeat_s: silent after 3 of them.",
+)
+@click.option("--now", "at", metavar="TIME", help="Look at this time instead of now (+1h, …).")
+@_mapped
+def fleet(
+    folder: str,
+    as_json: bool,
+    html_file: str | None,
+    network: str | None,
+    head_path: str | None,
+    heartbeat_s: float,
+    at: str | None,
+) -> None:
+    """Check and count a folder of node reports (FOLDER/nodes/<keyid>.json)."""
+    from reconciler.network.fleet import describe, read_fleet
+    from reconciler.network.rollout import parse_moment, read_head
+
+    moment = parse_moment(at, now=time.time()) if at is not None else time.time()
+    head = read_head(Path(head_path)) if head_path is not None else None
+    view = read_fleet(Path(folder), now=moment, network=network, head=head, heartbeat_s=heartbeat_s)
+    if html_file is not None:
+        from reconciler.network.fleet_page import write_page
+
+        write_page(Path(html_file), view)
+    if as_json:
+        click.echo(json.dumps(view.to_json(), sort_keys=True))
+    else:
+        click.echo("\n".join(describe(view)))
 
 
 def main() -> None:

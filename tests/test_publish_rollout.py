@@ -489,3 +489,28 @@ def test_rollout_refuses_what_is_not_a_head(net: Network) -> None:
     assert "payloadType is" in refused("rollout", "--head", str(snapshot))
     (net.home / "empty").mkdir()
     assert "head.json does not exist" in refused("rollout", "--head", str(net.home / "empty"))
+
+
+def test_rollout_takes_node_keys_from_a_collector_folder_of_verified_reports(
+    net: Network, tmp_path: Path
+) -> None:
+    from tests.support.reports import node_key, report_payload, signed_report, write_report
+
+    net.publish("--wave", PAST_1 + "=10", "--wave", FUTURE_1 + "=100")
+    digest = net.head_payload()["config_digest"]
+    collector = tmp_path / "collector"
+    keys = [node_key(n) for n in range(5)]
+    for key in keys:
+        write_report(collector, key, signed_report(key, report_payload(key, at=time.time())))
+    forger = node_key(99)
+    # A report signed by another key than the one it names: not a node of the fleet.
+    forged = signed_report(forger, report_payload(keys[0], at=time.time()))
+    write_report(collector, forger, forged, name=hashlib.sha256(b"x").hexdigest() + ".json")
+
+    report = json.loads(
+        ok("rollout", "--head", str(net.origin), "--nodes", str(collector / "nodes"), "--json")
+    )
+
+    assert report["total"] == 5
+    listed = sorted(n["position_hundredths"] for n in report["nodes"])
+    assert listed == sorted(formula(digest, bytes(k.verify_key)) for k in keys)

@@ -1,1 +1,3 @@
-"""The agent: one pass (``once``), the loop (``watch``), operator control, ``init``."""
+"""The agent: one pass (``once``), the loop (``watch``) and its report ``heartbeat``, operator
+control (rollback, resume), ``init``.
+"""

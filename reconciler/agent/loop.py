@@ -5,8 +5,10 @@ clock (it reads ``time.monotonic`` and sleeps; the arithmetic of poll interval w
 exponential backoff with jitter on errors and periodic full model re-verification is
 ``core.schedule``) and the signals (SIGHUP: poll now and re-read settings, keeping the old ones
 if the new ones are bad; SIGTERM/SIGINT: finish the current step and exit 0). Each cycle is
-``intake.fetch`` (unless offline or backing off) followed by ``apply.converge``, which also
-repairs drift; nothing here touches Podman, git or the network directly.
+``intake.fetch`` (unless offline or backing off), ``intake.enter_wave`` (a rollout wave that
+opened since: no network needed) and ``apply.converge``, which also repairs drift; a snapshot
+waiting for its wave wakes the loop when the wave opens (``Schedule.wake_for_wave``). Nothing
+here touches Podman, git or the network directly.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
 
+from reconciler.agent.heartbeat import Heartbeat, report_now
 from reconciler.apply.transaction import ConvergeOutcome, converge
 from reconciler.config.settings import Settings
 from reconciler.core.errors import OriginUnreachableError, ReconcilerError, RejectedError
+from reconciler.core.rollout import RolloutWait
 from reconciler.core.schedule import Due, Schedule, Timing, timing_of
 from reconciler.disk.lock import state_lock
 from reconciler.history.node import Node
-from reconciler.intake.fetch import fetch
+from reconciler.intake.fetch import enter_wave, fetch
 from reconciler.report.node_metrics import write_node_metrics
 
 __all__ = ["OnceResult", "run_once", "watch"]
@@ -52,6 +56,9 @@ def _cycle(node: Node, *, offline: bool, do_fetch: bool, full_verify: bool) -> O
         except (RejectedError, OriginUnreachableError) as exc:
             fetch_error = exc
             log.warning("fetch: %s", exc.one_line())
+    entered = enter_wave(node)  # a wave opened since the last head: no network needed
+    if entered is not None:
+        log.info("rollout: %s", entered.message)
     outcome = converge(node, offline=offline, full_verify=full_verify)
     log_line = outcome.message
     (log.info if outcome.converged else log.error)("converge: %s", log_line)
@@ -68,11 +75,21 @@ def _cycle(node: Node, *, offline: bool, do_fetch: bool, full_verify: bool) -> O
 def run_once(node: Node, *, offline: bool, wait_s: float = 0.0) -> OnceResult:
     """One pass: fetch (unless offline), converge, metrics. Exit code per docs/contract.md §6."""
     with state_lock(node.paths.lock, wait_s=wait_s):
-        return _cycle(node, offline=offline, do_fetch=True, full_verify=False)
+        result = _cycle(node, offline=offline, do_fetch=True, full_verify=False)
+    if not offline:
+        report_now(node)  # after the lock: a slow collector holds up no other command
+    return result
 
 
 def _timing(node: Node) -> Timing:
     return timing_of(node.head_ttl(), verify_interval_s=node.settings.verify_interval_s)
+
+
+def _wave_opens_in_s(node: Node) -> float | None:
+    """Seconds until the wave that lets this node take its waiting snapshot opens (wall clock)."""
+    wait = RolloutWait.from_record(node.state.rollout_wait)
+    found = wait.entry() if wait is not None else None
+    return found.at - time.time() if found is not None else None
 
 
 @dataclass(frozen=True)
@@ -127,9 +144,19 @@ def watch(
         # an operator's `once`, `rollback` or `resume` can run between two cycles.
         with state_lock(node.paths.state_dir / "watch.lock", wait_s=wait_s):
             log.info("watch: started")
-            _run(
-                node, load_settings, signals=signals, wait_s=wait_s, max_cycles=max_cycles, rng=rng
-            )
+            heartbeat = Heartbeat()
+            try:
+                _run(
+                    node,
+                    load_settings,
+                    signals=signals,
+                    wait_s=wait_s,
+                    max_cycles=max_cycles,
+                    rng=rng,
+                    heartbeat=heartbeat,
+                )
+            finally:
+                heartbeat.close()
     log.info("watch: stopped")
     return 0
 
@@ -142,6 +169,7 @@ def _run(
     wait_s: float,
     max_cycles: int | None,
     rng: random.Random,
+    heartbeat: Heartbeat,
 ) -> None:
     """Cycle, then sleep until the schedule or a signal says so, until stopped."""
     schedule = Schedule.start(now=time.monotonic(), timing=_timing(node))
@@ -154,6 +182,7 @@ def _run(
         started = time.monotonic()
         due = schedule.due(started)
         result = _locked_cycle(node, due=due, wait_s=wait_s)
+        heartbeat.cycle_done(node.settings)  # reports go on their own thread (§9)
         timing = _timing(node)
         schedule = schedule.after_cycle(
             due=due,
@@ -162,6 +191,9 @@ def _run(
             fetch_failed=result.fetch_error is not None,
             timing=timing,
             rng=rng,
+        )
+        schedule = schedule.wake_for_wave(
+            opens_in_s=_wave_opens_in_s(node), now=time.monotonic(), timing=timing, rng=rng
         )
         cycles += 1
         if max_cycles is not None and cycles >= max_cycles:

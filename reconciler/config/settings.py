@@ -49,6 +49,8 @@ class Settings:
     vram_mib: int | None = None  # this node's GPU memory; None = unknown (meets no VRAM floor)
     opt_out_subclouds: tuple[str, ...] = ()
     metrics_path: str | None = None  # Prometheus textfile; None = no metrics file
+    # Where reports go (§9): None = the snapshot's reports.url, "" = never report.
+    report_url: str | None = None
     log_format: str = "human"  # human | json
     fetch_timeout_s: float = 30.0  # seconds: overall deadline per origin document (addition)
 

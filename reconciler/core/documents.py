@@ -272,6 +272,7 @@ class Snapshot:
     ttl: Ttl
     updates: dict[str, dict[str, str]] = field(hash=False, compare=False)
     raw: dict[str, Any] = field(hash=False, compare=False, repr=False)
+    reports_url: str | None = None  # where nodes PUT their reports (§9), as written
 
     @classmethod
     def from_payload(cls, obj: dict[str, Any]) -> Snapshot:
@@ -319,6 +320,7 @@ class Snapshot:
             ttl=Ttl(**obj["ttl"]),
             updates=obj["updates"],
             raw=obj,
+            reports_url=obj["reports"]["url"] if "reports" in obj else None,
         )
 
 

@@ -23,6 +23,7 @@ from reconciler.core.documents import JsonError, loads_strict
 __all__ = [
     "HEAD_TYPE",
     "RECEIPT_TYPE",
+    "REPORT_TYPE",
     "ROOT_TYPE",
     "SNAPSHOT_TYPE",
     "Envelope",
@@ -42,6 +43,7 @@ ROOT_TYPE = "application/vnd.resultity.root+json"
 HEAD_TYPE = "application/vnd.resultity.head+json"
 SNAPSHOT_TYPE = "application/vnd.resultity.snapshot+json"
 RECEIPT_TYPE = "application/vnd.resultity.receipt+json"
+REPORT_TYPE = "application/vnd.resultity.report+json"
 
 _SIGNATURE_BYTES = 64
 _MAX_SIGNATURES = 64  # more than any root may list (32 keys); bounds the verify work

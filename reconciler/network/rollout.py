@@ -18,6 +18,7 @@ from typing import Any
 from reconciler.core.documents import Head, JsonError, format_time, loads_strict, parse_time
 from reconciler.core.envelope import HEAD_TYPE, EnvelopeError, parse_envelope
 from reconciler.core.errors import SettingsError
+from reconciler.core.nodereport import InvalidReportError, check_report
 from reconciler.core.rollout import (
     Entry,
     Position,
@@ -196,26 +197,44 @@ class NodeKey:
     public: bytes  # 32 raw Ed25519 bytes
 
 
-def read_node_keys(paths: Iterable[Path]) -> tuple[NodeKey, ...]:
-    """Node public keys from ``.pub`` files, folders of them (searched recursively), or text
-    files of one hex key per line, optionally followed by a name; ``#`` starts a comment.
+def read_node_keys(paths: Iterable[Path], *, now: float) -> tuple[NodeKey, ...]:
+    """Node public keys from ``.pub`` files, folders of them (searched recursively), text
+    files of one hex key per line (optionally followed by a name; ``#`` starts a comment), or
+    node reports (``<keyid>.json``, alone or in a folder such as a collector's ``nodes/``).
 
-    A key listed twice counts once (the first name is kept).
+    A report gives its key only if it verifies as ``reconcile fleet`` checks it (name, signature,
+    size, time); one that does not is passed over, since anyone can drop a file into a
+    collector's folder. A key listed twice counts once (the first name is kept).
     """
     found: dict[bytes, NodeKey] = {}
     for path in paths:
         if path.is_dir():
-            files = [(f, f.relative_to(path).with_suffix("").as_posix()) for f in _pubs(path)]
+            files = [(f, f.relative_to(path).with_suffix("").as_posix()) for f in _listed(path)]
         else:
             files = [(path, path.stem)]
         for file, stem in files:
-            for key in _keys_in(file, stem):
+            keys = _key_of_report(file, now=now) if _is_report(file) else _keys_in(file, stem)
+            for key in keys:
                 found.setdefault(key.public, key)
     return tuple(found.values())
 
 
-def _pubs(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.rglob("*.pub") if f.is_file())
+def _listed(folder: Path) -> list[Path]:
+    return sorted(
+        f for f in folder.rglob("*") if f.is_file() and (f.suffix == ".pub" or _is_report(f))
+    )
+
+
+def _is_report(file: Path) -> bool:
+    return file.suffix == ".json" and _HEX_KEY.match(file.stem) is not None
+
+
+def _key_of_report(file: Path, *, now: float) -> list[NodeKey]:
+    try:
+        view = check_report(file.read_bytes(), name=file.name, now=now)
+    except (OSError, InvalidReportError):
+        return []
+    return [NodeKey(name=f"report {view.node[:12]}", public=view.public)]
 
 
 def _keys_in(file: Path, stem: str) -> list[NodeKey]:

@@ -15,7 +15,9 @@ from reconciler import __version__
 from reconciler.core.documents import parse_time
 from reconciler.core.errors import HistoryError
 from reconciler.core.record import NodeState
+from reconciler.core.rollout import RolloutWait
 from reconciler.history.node import Node
+from reconciler.report.deliveries import read_deliveries
 
 __all__ = ["format_log", "format_status", "status_report"]
 
@@ -58,7 +60,8 @@ def status_report(node: Node, *, now: float | None = None) -> dict[str, Any]:
             state.converged and head is not None and state.applied_digest == head["digest"]
         ),
         "hold": _hold_view(state, head_oid),
-        "waiting": _waiting_view(node, head),
+        "waiting": _waiting_view(node, head, now=now),
+        "rollout_entered": state.rollout_entered,
         "quarantined": list(state.quarantined),
         "stale": _stale_view(state, now),
         "last_accepted": {
@@ -73,6 +76,7 @@ def status_report(node: Node, *, now: float | None = None) -> dict[str, Any]:
         "node_public_key": _public_key(node),
         "agent": _agent_view(node, head_oid if head and head["digest"] else None),
         "counters": dict(state.counters),
+        "report": _report_view(node),
     }
 
 
@@ -87,9 +91,11 @@ def _hold_view(state: NodeState, head_oid: str | None) -> dict[str, Any]:
     }
 
 
-def _waiting_view(node: Node, head: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The stored snapshots not yet at HEAD (newer ones, or others held back)."""
+def _waiting_view(node: Node, head: dict[str, Any] | None, *, now: float) -> list[dict[str, Any]]:
+    """The stored snapshots not yet at HEAD (newer ones, or others held back); the one the
+    newest head's rollout keeps out also says where this node stands in it."""
     head_serial = head["serial"] if head and head["serial"] else 0
+    wait = RolloutWait.from_record(node.state.rollout_wait)
     waiting = []
     for digest in node.state.waiting:
         oid = node.history.snapshot_ref(digest)
@@ -97,8 +103,25 @@ def _waiting_view(node: Node, head: dict[str, Any] | None) -> list[dict[str, Any
             continue
         info = node.history.info(oid)
         if info.serial > head_serial or digest != (head or {}).get("digest"):
-            waiting.append({"digest": digest, "serial": info.serial})
+            item: dict[str, Any] = {"digest": digest, "serial": info.serial}
+            if wait is not None and wait.digest == digest:
+                item["rollout"] = wait.view(now)
+            waiting.append(item)
     return waiting
+
+
+def _report_view(node: Node) -> dict[str, Any] | None:
+    """The last report sent to the collector (docs/contract.md §9); None before the first."""
+    last = read_deliveries(node.paths.state_dir).last
+    if last is None:
+        return None
+    return {
+        "at": last.at,
+        "url": last.url,
+        "ok": last.ok,
+        "status": last.status,
+        "result": last.message,
+    }
 
 
 def _stale_view(state: NodeState, now: float) -> dict[str, Any]:
@@ -164,12 +187,18 @@ def format_status(report: dict[str, Any]) -> str:
             f"hold        {report['hold']['reason'] or 'active'} (lift with `reconcile resume`)"
         )
     for item in report["waiting"]:
-        lines.append(f"waiting     serial {item['serial']}  {item['digest']}")
+        rollout = f" — {item['rollout']['summary']}" if item.get("rollout") else ""
+        lines.append(f"waiting     serial {item['serial']}  {item['digest']}{rollout}")
     for digest in report["quarantined"]:
         lines.append(f"quarantined {digest}")
     if report["stale"]["stale"]:
         lines.append(f"stale       since {report['stale']['since']} (no newer head could be had)")
     lines.append(f"last fetch  {report['last_fetch_ok_at'] or 'never succeeded'}")
+    if report["report"]:
+        sent = report["report"]
+        lines.append(
+            f"last report {sent['at']}  {'sent' if sent['ok'] else 'FAILED'}: {sent['result']}"
+        )
     if report["last_rejection"]:
         r = report["last_rejection"]
         lines.append(f"rejected    {r['message']} ({r['at']})")
@@ -199,9 +228,14 @@ def format_log(node: Node, *, limit: int | None = None, receipts: bool = False) 
         payloads = _receipt_payloads(node, info.oid)
         results = [str(p.get("result", "?")) if p else "unreadable" for p in payloads]
         outcome = f"  applied: {', '.join(results)}" if results else ""
+        wave = (
+            f"  wave {info.admission.wave} at {info.admission.position} %"
+            if info.admission is not None
+            else ""
+        )
         lines.append(
             f"{info.oid[:10]}  {when}Z  serial {info.serial:<6} {info.digest[:19]}…  "
-            f"{info.reason:<8} signed by {len(info.signed_by)}{outcome}"
+            f"{info.reason:<8} signed by {len(info.signed_by)}{wave}{outcome}"
         )
         if receipts:
             for number, payload in enumerate(payloads, start=1):

@@ -1,0 +1,111 @@
+"""A report collector on 127.0.0.1: nginx's WebDAV module with docs/publishing.md's config.
+
+The ``location`` block is read from docs/publishing.md (the block after the
+``<!-- collector-config -->`` marker), with only its ``root`` pointed at a test folder, so
+the configuration the documentation gives operators is the one the tests run. nginx runs
+from a private prefix (``-p``, ``daemon off``, one process) and is stopped by its pid.
+``start_collector`` returns None when nginx is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.support.podman_fixtures import free_port
+
+__all__ = ["Collector", "collector_location", "start_collector"]
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "publishing.md"
+
+_CONFIG = """daemon off;
+master_process off;
+worker_processes 1;
+{user}
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+  access_log {prefix}/access.log;
+  client_body_temp_path {root}/.tmp;
+  proxy_temp_path {prefix}/proxy;
+  fastcgi_temp_path {prefix}/fastcgi;
+  uwsgi_temp_path {prefix}/uwsgi;
+  scgi_temp_path {prefix}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+{location}
+  }}
+}}
+"""
+
+
+class Collector:
+    """The running nginx; reports land in ``nodes`` and ``url`` is the report URL."""
+
+    def __init__(self, process: subprocess.Popen[bytes], port: int, root: Path) -> None:
+        self.process = process
+        self.url = f"http://127.0.0.1:{port}/reports/"
+        self.nodes = root / "reports" / "nodes"
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+def collector_location() -> str:
+    """The collector's ``location`` block as docs/publishing.md gives it."""
+    text = DOCS.read_text(encoding="utf-8")
+    found = re.search(r"<!-- collector-config -->\s*```nginx\n(.*?)```", text, re.S)
+    if found is None:
+        raise AssertionError("docs/publishing.md has no collector-config block")
+    return found.group(1)
+
+
+def start_collector(root: Path, prefix: Path) -> Collector | None:
+    """nginx storing PUTs under ``root/reports/nodes/``."""
+    binary = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None
+    )
+    if binary is None:
+        return None
+    prefix.mkdir(parents=True, exist_ok=True)
+    (root / ".tmp").mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    location = collector_location().replace("root /srv;", f"root {root};")
+    assert f"root {root};" in location, "the documented block no longer sets `root /srv;`"
+    config = prefix / "nginx.conf"
+    user = "user root;" if os.geteuid() == 0 else ""
+    config.write_text(
+        _CONFIG.format(user=user, prefix=prefix, port=port, root=root, location=location),
+        encoding="utf-8",
+    )
+    with (prefix / "stderr.log").open("wb") as log:
+        process = subprocess.Popen(
+            [binary, "-c", str(config), "-p", str(prefix)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return Collector(process, port, root)
+        time.sleep(0.05)
+    Collector(process, port, root).close()
+    tail = (prefix / "stderr.log").read_text(errors="replace")[-800:]
+    raise RuntimeError(f"nginx did not start: {tail}")
