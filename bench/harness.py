@@ -65,17 +65,19 @@ class Target:
     """``value <op> limit`` must hold for the figure to pass."""
 
     limit: float
-    op: Literal["<=", "<", "=="] = "<="
+    op: Literal["<=", "<", "==", ">="] = "<="
 
     def met(self, value: float) -> bool:
         if self.op == "<=":
             return value <= self.limit
+        if self.op == ">=":
+            return value >= self.limit
         if self.op == "<":
             return value < self.limit
         return value == self.limit
 
     def text(self, unit: str) -> str:
-        symbol = {"<=": "≤", "<": "<", "==": "="}[self.op]
+        symbol = {"<=": "≤", "<": "<", "==": "=", ">=": "≥"}[self.op]
         return f"{symbol} {_number(self.limit)}{_spaced(unit)}"
 
 

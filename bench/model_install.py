@@ -11,6 +11,7 @@ changed. Exit 1 with the error's one line if the install fails.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -25,6 +26,8 @@ from reconciler.core.documents import ModelFile, ModelSpec
 from reconciler.core.errors import ReconcilerError
 from reconciler.core.paths import NodePaths
 from reconciler.models.download import new_client
+from reconciler.models.limits import DownloadLimits
+from reconciler.models.progress import ProgressReporter
 from reconciler.models.store import ModelStore
 
 
@@ -71,6 +74,8 @@ def main(argv: list[str]) -> int:
     state_dir, origin_url, models_file = argv
     store = ModelStore(NodePaths(Path(state_dir)))
     models = _models(Path(models_file))
+    settings = Settings()
+    reporter = ProgressReporter(stream=io.StringIO(), interactive=True)
     started = time.perf_counter()
     try:
         with new_client() as client:
@@ -78,14 +83,24 @@ def main(argv: list[str]) -> int:
                 models,
                 client=client,
                 base_url=origin_url,
-                concurrency=Settings().download_concurrency,
+                concurrency=settings.download_concurrency,
                 reserve_bytes=0,
+                limits=DownloadLimits.of(settings),
+                progress_reporter=reporter,
             )
     except ReconcilerError as exc:
         print(exc.one_line(), file=sys.stderr)
         return 1
     seconds = time.perf_counter() - started
-    print(json.dumps({"ensure_s": seconds, "changed": list(report.changed)}))
+    print(
+        json.dumps(
+            {
+                "ensure_s": seconds,
+                "changed": list(report.changed),
+                "peak_connections": reporter.peak_connections,
+            }
+        )
+    )
     return 0
 
 

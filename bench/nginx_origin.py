@@ -28,9 +28,10 @@ worker_processes 1;
 {user}
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 64; }}
+events {{ worker_connections 512; }}
 http {{
-  access_log off;
+  log_format sent '$status $body_bytes_sent "$http_range"';
+  {access_log}
   sendfile on;
   tcp_nopush on;
   keepalive_requests 10000;
@@ -41,17 +42,40 @@ http {{
   scgi_temp_path {prefix}/scgi;
   types {{ application/json json; }}
   default_type application/octet-stream;
-  server {{ listen 127.0.0.1:{port}; root {root}; }}
+  server {{ listen 127.0.0.1:{port}; root {root}; {limit} }}
 }}
 """
 
 
 class NginxOrigin:
-    def __init__(self, process: subprocess.Popen[bytes], port: int, root: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], port: int, root: Path, prefix: Path
+    ) -> None:
         self.process = process
         self.port = port
         self.root = root
+        self._log = prefix / "access.log"
         self.url = f"http://127.0.0.1:{port}/"
+
+    def requests(self) -> list[tuple[int, int, str]]:
+        """(status, body bytes sent, Range asked) per finished request (with ``log_bytes``)."""
+        try:
+            lines = self._log.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        rows = []
+        for line in lines:
+            status, sent, asked = line.split(" ", 2)
+            rows.append((int(status), int(sent), asked.strip('"')))
+        return rows
+
+    def body_bytes_sent(self) -> int:
+        return sum(sent for _status, sent, _range in self.requests())
+
+    def reset_log(self) -> None:
+        if self._log.exists():
+            # nginx keeps its descriptor open (O_APPEND): truncating starts the log afresh.
+            os.truncate(self._log, 0)
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -64,7 +88,12 @@ class NginxOrigin:
                 self.process.wait(timeout=10)
 
 
-def start_nginx(root: Path, prefix: Path) -> NginxOrigin | None:
+def start_nginx(
+    root: Path, prefix: Path, *, limit_rate: str | None = None, log_bytes: bool = False
+) -> NginxOrigin | None:
+    """nginx serving ``root``; ``limit_rate`` (nginx syntax, e.g. ``16m``) caps each
+    connection, as CDNs and model hubs do; ``log_bytes`` logs the body bytes of every
+    request (``NginxOrigin.body_bytes_sent``)."""
     binary = shutil.which("nginx") or (
         "/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None
     )
@@ -76,7 +105,15 @@ def start_nginx(root: Path, prefix: Path) -> NginxOrigin | None:
     user = "user root;" if os.geteuid() == 0 else ""
     config = prefix / "nginx.conf"
     config.write_text(
-        _CONFIG.format(user=user, prefix=prefix, port=port, root=root), encoding="utf-8"
+        _CONFIG.format(
+            user=user,
+            prefix=prefix,
+            port=port,
+            root=root,
+            limit=f"limit_rate {limit_rate};" if limit_rate else "",
+            access_log=f"access_log {prefix}/access.log sent;" if log_bytes else "access_log off;",
+        ),
+        encoding="utf-8",
     )
     log = (prefix / "stderr.log").open("wb")
     process = subprocess.Popen(
@@ -91,9 +128,9 @@ def start_nginx(root: Path, prefix: Path) -> NginxOrigin | None:
             break
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return NginxOrigin(process, port, root)
+                return NginxOrigin(process, port, root, prefix)
         time.sleep(0.05)
-    origin = NginxOrigin(process, port, root)
+    origin = NginxOrigin(process, port, root, prefix)
     origin.close()
     tail = (prefix / "stderr.log").read_text(errors="replace")[-500:]
     raise RuntimeError(f"nginx did not start: {tail}")

@@ -40,6 +40,7 @@ BENCHMARKS = (
     "plan",
     "poll_cost",
     "download",
+    "segmented",
     "dedupe",
     "resume",
     "many_files",

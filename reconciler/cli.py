@@ -432,6 +432,15 @@ def sign(key: str, out: str | None, envelope: str) -> None:
 @click.option("--rollout-salt", metavar="TEXT", help="Place nodes with this salt, not the digest.")
 @click.option("--pause", is_flag=True, help="With --refresh-head: freeze at the percent reached.")
 @click.option("--resume", is_flag=True, help="With --refresh-head: keep what opened, add --waves.")
+@click.option(
+    "--chunks",
+    "chunks_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Add per-chunk digests to the model files found in this folder.",
+)
+@click.option(
+    "--chunk-size", default="8M", show_default=True, help="With --chunks: bytes per chunk."
+)
 @click.argument("snapshot", required=False, type=click.Path(exists=True, dir_okay=False))
 @_mapped
 def publish(
@@ -443,9 +452,15 @@ def publish(
     rollout_salt: str | None,
     pause: bool,
     resume: bool,
+    chunks_dir: str | None,
+    chunk_size: str,
     snapshot: str | None,
 ) -> None:
-    """Sign SNAPSHOT (JSON) into ORIGIN as snapshots/<hex>.json and head.json."""
+    """Sign SNAPSHOT (JSON) into ORIGIN as snapshots/<hex>.json and head.json.
+
+    With --chunks DIR, each model file found in DIR (as blobs/sha256/<hex>, NAME/VERSION/PATH
+    or PATH) and longer than one chunk gets per-chunk digests, so that a node that receives
+    wrong bytes re-fetches only the chunk they fall in."""
     from reconciler.core.documents import JsonError, loads_strict
     from reconciler.core.errors import SettingsError
     from reconciler.network.publish import parse_duration, publish_snapshot
@@ -461,6 +476,8 @@ def publish(
         resume=resume,
     )
     if refresh_head:
+        if chunks_dir is not None:
+            raise SettingsError("--chunks needs a SNAPSHOT to add the digests to")
         _refresh(Path(origin_dir), signers=signers, now=now, lifetime=lifetime, change=change)
         return
     if snapshot is None:
@@ -472,6 +489,8 @@ def publish(
         raise SettingsError(f"{snapshot}: {exc}") from exc
     if not isinstance(document, dict):
         raise SettingsError(f"{snapshot}: not a JSON object")
+    if chunks_dir is not None:
+        document = _with_chunks(document, Path(chunks_dir), chunk_size=chunk_size)
     result = publish_snapshot(
         Path(origin_dir),
         document,
@@ -483,6 +502,18 @@ def publish(
     click.echo(f"published serial {result.serial} {result.digest}")
     if result.rollout is not None:
         click.echo(schedule_line(result.rollout, now=now))
+
+
+def _with_chunks(document: dict[str, Any], folder: Path, *, chunk_size: str) -> dict[str, Any]:
+    """``publish --chunks``: the snapshot with chunk digests, and one line saying how many."""
+    from reconciler.network.publish import parse_size, with_chunks
+
+    document, filled = with_chunks(document, folder, chunk_bytes=parse_size(chunk_size))
+    click.echo(
+        f"chunks: {filled.filled} model file(s) given chunk digests, "
+        f"{filled.not_found} not found in {folder}, {filled.skipped} left as they were"
+    )
+    return document
 
 
 def _refresh(

@@ -391,7 +391,7 @@ def test_many_blobs_cost_a_few_index_saves_and_are_all_on_disk_when_fetch_return
         original(self)
 
     monkeypatch.setattr(Index, "save", counted)
-    fetched = store.fetch([model], client=client, base_url=file_server.url)
+    fetched = store.fetch_blobs([model], client=client, base_url=file_server.url)
 
     assert len(fetched) == 60
     # Not one save per blob (which made large installs quadratic): one per second at most,
@@ -785,8 +785,8 @@ def test_progress_reporter_logs_every_interval_with_a_fake_clock(
 
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("models:")]
     assert lines == [
-        "models: 50 B of 1000 B (5%) at 10 B/s, 0 of 1 file(s) done",
-        "models: 100 B of 1000 B (10%) at 10 B/s, 0 of 1 file(s) done",
+        "models: 50 B of 1000 B (5%) at 10 B/s, ETA 1m35s, 0 connection(s), 0 of 1 file(s) done",
+        "models: 100 B of 1000 B (10%) at 10 B/s, ETA 1m30s, 0 connection(s), 0 of 1 file(s) done",
     ]
 
 

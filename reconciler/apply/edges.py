@@ -23,6 +23,7 @@ from reconciler.core.documents import ModelSpec
 from reconciler.core.errors import DownloadError
 from reconciler.core.specs import ContainerSpec
 from reconciler.history.node import Node
+from reconciler.models.limits import DownloadLimits
 from reconciler.models.store import ModelStore
 from reconciler.runtime.hooks import HookResult, run_hook
 from reconciler.runtime.podman import ActionOutcome, PodmanEdge
@@ -146,6 +147,7 @@ class StoreEdge:
                 concurrency=settings.download_concurrency,
                 progress_reporter=ProgressReporter(),
                 reserve_bytes=settings.disk_reserve_bytes,
+                limits=DownloadLimits.of(settings),
             )
 
     def remove(self, model_id: str) -> None:

@@ -45,6 +45,10 @@ class Settings:
     keep_applied: int = 2  # applied snapshots whose model blobs survive garbage collection
     disk_reserve_bytes: int = 1 << 30  # bytes that downloads must leave free
     download_concurrency: int = 4  # model files downloaded at once
+    download_connections: int = 16  # HTTP connections open at once over every model file
+    download_connections_per_file: int = 8  # the most one large file is split over
+    download_memory_bytes: int = 64 << 20  # bytes a download may buffer beyond network reads
+    local_mirrors: tuple[str, ...] = ()  # base URLs serving blobs/sha256/<hex>, tried first
     verify_interval_s: int = 0  # seconds between full model re-hashes; 0 = the snapshot's cache_s
     vram_mib: int | None = None  # this node's GPU memory; None = unknown (meets no VRAM floor)
     opt_out_subclouds: tuple[str, ...] = ()
@@ -147,8 +151,9 @@ def load_settings(
     ):
         _check(layer, source)
         merged.update(layer)
-    if "opt_out_subclouds" in merged:
-        merged["opt_out_subclouds"] = tuple(merged["opt_out_subclouds"])
+    for key in ("opt_out_subclouds", "local_mirrors"):
+        if key in merged:
+            merged[key] = tuple(merged[key])
     return replace(Settings(), **merged)
 
 

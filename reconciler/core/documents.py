@@ -23,6 +23,7 @@ __all__ = [
     "HealthCheck",
     "Jobs",
     "JsonError",
+    "ModelChunks",
     "ModelFile",
     "ModelSpec",
     "Participation",
@@ -177,11 +178,21 @@ class Head:
 
 
 @dataclass(frozen=True)
+class ModelChunks:
+    """Optional per-chunk digests of a model file: the file cut into ``size``-byte chunks
+    (the last one shorter), one ``sha256:<hex>`` each, so wrong bytes cost only their chunk."""
+
+    size: int
+    digests: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ModelFile:
     path: str
     size: int
     digest: str
     urls: tuple[str, ...]
+    chunks: ModelChunks | None = None
 
 
 @dataclass(frozen=True)
@@ -329,13 +340,23 @@ def _model(obj: dict[str, Any]) -> ModelSpec:
         name=obj["name"],
         version=obj["version"],
         files=tuple(
-            ModelFile(path=f["path"], size=f["size"], digest=f["digest"], urls=tuple(f["urls"]))
+            ModelFile(
+                path=f["path"],
+                size=f["size"],
+                digest=f["digest"],
+                urls=tuple(f["urls"]),
+                chunks=_chunks(f["chunks"]) if "chunks" in f else None,
+            )
             for f in obj["files"]
         ),
         runtime=obj.get("runtime"),
         min_vram_mib=obj.get("min_vram_mib"),
         tasks=tuple(obj.get("tasks", ())),
     )
+
+
+def _chunks(obj: dict[str, Any]) -> ModelChunks:
+    return ModelChunks(size=obj["size"], digests=tuple(obj["digests"]))
 
 
 def _runtime(obj: dict[str, Any]) -> RuntimeSpec:

@@ -111,14 +111,18 @@ class BlobFolder:
             self.bytes_hashed += total
         return digest.hexdigest()
 
-    def adopt(self, partial: Path, hex_: str) -> None:
-        """Give a verified partial file its final blob name, and remember it as verified."""
+    def adopt(self, partial: Path, hex_: str, *, synced: bool = True) -> None:
+        """Give a verified partial file its final blob name, and remember it as verified.
+        ``synced`` False: its bytes are not on disk yet; the index syncs them (with every
+        other such blob, at once) before it saves a record of it."""
         partial.chmod(0o444)
         blob = self.dir / hex_
         os.replace(partial, blob)  # the directory is synced before the index records it
         st = blob.lstat()
         index = self._index
         with index.lock:
+            if not synced:
+                index.note_unsynced()
             contents = index.contents()
             contents.blobs[hex_] = BlobRecord.now(st)
             contents.failures.pop(hex_, None)

@@ -23,22 +23,34 @@ bytes served are not the declared ones; the partial is deleted) or ``DiskSpaceEr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from typing import Any
+from urllib.parse import urljoin, urlsplit
 from urllib.request import url2pathname
 
 import httpx
 
 from reconciler.core.errors import DiskSpaceError, DownloadError, HashMismatchError
 from reconciler.models.layout import digest_hex, is_disk_full
+from reconciler.models.limits import ConnectionBudget, DownloadLimits
+from reconciler.models.mirrors import Mirror, MirrorBoard, mirror_tally
+from reconciler.models.partial import discard, record_path
+from reconciler.models.segmented import (
+    FileTarget,
+    RangesRefusedError,
+    SegmentedDownload,
+    WrongBytesError,
+)
+from reconciler.models.wire import content_length, content_range, describe, redact, timeout_kind
 
 __all__ = [
     "CHUNK_BYTES",
@@ -55,14 +67,12 @@ DEFAULT_CONNECT_TIMEOUT_S = 10.0  # seconds to open a connection to a mirror
 DEFAULT_READ_TIMEOUT_S = 30.0  # seconds without a single byte before a mirror counts as stalled
 MAX_ROUNDS = 3  # passes over the mirror list while each pass still makes progress
 
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-
 
 def new_client(
     *,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
-    max_connections: int = 16,
+    max_connections: int = 64,
 ) -> httpx.Client:
     """An httpx client suited to mirrors: redirects followed (bounded), identity encoding."""
     return httpx.Client(
@@ -106,31 +116,91 @@ def download_file(
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     should_stop: Callable[[], bool] | None = None,
+    limits: DownloadLimits | None = None,
+    budget: ConnectionBudget | None = None,
+    chunk_bytes: int | None = None,
+    chunk_digests: Sequence[str] = (),
+    on_connections: Callable[[int], None] | None = None,
+    durable: bool = True,
 ) -> None:
     """Make ``dest_partial`` hold exactly the ``size`` bytes whose SHA-256 is ``digest``.
 
-    ``progress`` receives byte deltas as they are committed to the partial file, negative
-    when bytes are thrown away (a mirror ignored ``Range``). An existing partial file is
-    resumed. On success the file is complete, verified and fsync'ed; on a digest or size
-    mismatch it is deleted; on a transport failure it is kept for the next attempt.
-    ``should_stop`` is polled after every network read; when it returns True the download
-    ends with ``DownloadError`` (partial kept).
+    ``progress`` gets byte deltas as bytes are committed, negative when some are thrown away.
+    An existing partial is resumed. On success the file is complete, verified and fsync'ed
+    (unless ``durable`` is False: the caller syncs a batch before its index vouches for it);
+    on a digest or size mismatch it is deleted; on a transport failure it is kept.
+    ``should_stop`` is polled after every network read (True: ``DownloadError``).
+
+    A file of at least twice ``limits.min_split_bytes`` on HTTP mirrors is fetched in
+    segments (``segmented``), ``limits.local_mirrors`` first; ``budget`` caps connections
+    over every download sharing it, ``on_connections`` hears each open (+1) and close (-1);
+    ``chunk_digests`` (one per ``chunk_bytes``) verify each chunk as it arrives.
     """
     want = digest_hex(digest)
     if want is None:
         raise ValueError(f"not a sha256 digest: {digest!r}")
-    name = label or f"{digest[:19]}…"
-    attempt = _Attempt(
+    limits = limits or DownloadLimits()
+    every_url = [*_local_urls(limits, want), *urls]
+    chunking = _chunking(size, chunk_bytes, chunk_digests)
+    spread = _Spread(
         client=client,
-        size=size,
+        target=FileTarget(size=size, want=want, label=label or f"{digest[:19]}…", **chunking),
+        partial=dest_partial,
+        limits=limits,
+        # Without a shared budget the file has one of its own: the caps still hold for it.
+        budget=budget or ConnectionBudget(limits.connections),
+        report=progress or _ignore,
+        on_connections=on_connections or _ignore,
+        should_stop=should_stop or _never,
         stop_at=time.monotonic() + deadline_s,
         connect_timeout_s=connect_timeout_s,
-        read_timeout_s=read_timeout_s,
-        report=progress or _ignore,
+    )
+    if _splittable(size, limits, every_url, base_url=base_url):
+        if spread.run_or_refuse(every_url, base_url=base_url):
+            return
+    elif record_path(dest_partial).exists():
+        discard(dest_partial)  # a segmented partial is not a prefix: start this one afresh
+    spread.one_stream(every_url, base_url=base_url, read_timeout_s=read_timeout_s, durable=durable)
+
+
+def _take_slot(
+    budget: ConnectionBudget, *, should_stop: Callable[[], bool], stop_at: float, name: str
+) -> None:
+    """Wait for a connection of the fetch's budget, polling for cancel and the deadline."""
+    while not budget.take(wait=True):
+        if should_stop():
+            raise DownloadError(f"cannot download {name}: cancelled")
+        if time.monotonic() >= stop_at:
+            raise DownloadError(f"cannot download {name}: no connection free before the deadline")
+
+
+def _one_stream(
+    client: httpx.Client,
+    *,
+    urls: Sequence[str],
+    base_url: str | None,
+    dest_partial: Path,
+    target: FileTarget,
+    progress: Callable[[int], None],
+    stop_at: float,
+    timeouts: tuple[float, float],
+    should_stop: Callable[[], bool] | None,
+    durable: bool,
+) -> None:
+    """The whole file front to back, one mirror at a time (see the module docstring);
+    ``timeouts`` are (connect, read) in seconds."""
+    name = target.label
+    attempt = _MirrorAttempt(
+        client=client,
+        size=target.size,
+        stop_at=stop_at,
+        connect_timeout_s=timeouts[0],
+        read_timeout_s=timeouts[1],
+        report=progress,
         should_stop=should_stop,
     )
     try:
-        partial = _Partial.open(dest_partial, size=size)
+        partial = _Partial.open(dest_partial, size=target.size, durable=durable)
     except OSError as exc:
         raise _local_error(exc, name=name, path=dest_partial) from exc
     failures: list[str] = []
@@ -138,7 +208,7 @@ def download_file(
         mismatch = _fill(
             attempt,
             partial,
-            want=want,
+            want=target.want,
             urls=urls,
             base_url=base_url,
             failures=failures,
@@ -154,6 +224,168 @@ def download_file(
     raise _all_failed(name, failures)
 
 
+def _chunking(size: int, chunk_bytes: int | None, digests: Sequence[str]) -> dict[str, Any]:
+    """``FileTarget``'s chunk fields; none when the list cannot describe the file (then the
+    whole-file digest alone decides, as without chunks)."""
+    if not chunk_bytes or chunk_bytes <= 0 or len(digests) != -(-size // chunk_bytes):
+        return {"chunk_bytes": None, "chunk_digests": ()}
+    return {
+        "chunk_bytes": chunk_bytes,
+        "chunk_digests": tuple(d.removeprefix("sha256:") for d in digests),
+    }
+
+
+def _never() -> bool:
+    return False
+
+
+def _local_urls(limits: DownloadLimits, want: str) -> list[str]:
+    """``<base>/blobs/sha256/<hex>`` on each local mirror (a LAN cache laid out like the store)."""
+    return [base.rstrip("/") + f"/blobs/sha256/{want}" for base in limits.local_mirrors]
+
+
+def _splittable(
+    size: int, limits: DownloadLimits, urls: Sequence[str], *, base_url: str | None
+) -> bool:
+    if size < 2 * limits.min_split_bytes or limits.connections_per_file < 2:
+        return False
+    schemes = set()
+    for url in urls:
+        with contextlib.suppress(ValueError):
+            schemes.add(urlsplit(resolve_url(url, base_url)).scheme.lower())
+    # file:// mirrors (air-gapped nodes) are read in one stream: there is no link to fill.
+    return bool(schemes & {"http", "https"}) and "file" not in schemes
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Spread:
+    """One file's download: segmented over every HTTP mirror, in rounds that find the mirror
+    to blame when the file's digest fails and no per-chunk digests say which bytes were bad;
+    or, when the file is small or no mirror honours Range, one stream."""
+
+    client: httpx.Client
+    target: FileTarget
+    partial: Path
+    limits: DownloadLimits
+    budget: ConnectionBudget
+    report: Callable[[int], None]
+    on_connections: Callable[[int], None]
+    should_stop: Callable[[], bool]
+    stop_at: float
+    connect_timeout_s: float
+
+    def one_stream(
+        self, urls: Sequence[str], *, base_url: str | None, read_timeout_s: float, durable: bool
+    ) -> None:
+        """The whole file in one stream (``_one_stream``), on one connection of the budget."""
+        _take_slot(
+            self.budget, should_stop=self.should_stop, stop_at=self.stop_at, name=self.target.label
+        )
+        self.on_connections(1)
+        try:
+            _one_stream(
+                self.client,
+                urls=urls,
+                base_url=base_url,
+                dest_partial=self.partial,
+                target=self.target,
+                progress=self.report,
+                stop_at=self.stop_at,
+                timeouts=(self.connect_timeout_s, read_timeout_s),
+                should_stop=self.should_stop,
+                durable=durable,
+            )
+        finally:
+            self.on_connections(-1)
+            self.budget.give_back()
+
+    def run_or_refuse(self, urls: Sequence[str], *, base_url: str | None) -> bool:
+        """``run``, with local errors as project errors (the partial is freed: the node
+        needs the space more than the download's progress)."""
+        try:
+            return self.run(urls, base_url=base_url)
+        except OSError as exc:
+            discard(self.partial)
+            raise _local_error(exc, name=self.target.label, path=self.partial) from exc
+
+    def run(self, urls: Sequence[str], *, base_url: str | None) -> bool:
+        """True when the file is complete; False when no mirror honours Range (the caller
+        falls back to one stream). Raises ``DownloadError`` or ``HashMismatchError``."""
+        failures: list[str] = []
+        mirrors = self._mirrors(urls, base_url=base_url, failures=failures)
+        groups: list[list[Mirror]] = [mirrors] if mirrors else []
+        mismatch: str | None = None
+        for _round in range(2 * len(mirrors) + 1):
+            if not groups:
+                break
+            group = groups.pop(0)
+            engine = self._engine(group)
+            try:
+                engine.run()
+                return True
+            except RangesRefusedError:
+                discard(self.partial)
+                return False
+            except WrongBytesError as exc:
+                discard(self.partial)
+                self.report(-self.target.size)
+                shown = ", ".join(m.shown for m in exc.contributors) or "the partial file"
+                mismatch = f"{shown}: digest mismatch (got sha256:{exc.got[:16]}…, want "
+                mismatch += f"sha256:{self.target.want[:16]}…)"
+                groups = _suspects(exc.contributors, mirrors, groups)
+        if mismatch is not None:
+            raise HashMismatchError(f"{self.target.label} failed verification: {mismatch}")
+        raise _all_failed(self.target.label, failures)
+
+    def _mirrors(
+        self, urls: Sequence[str], *, base_url: str | None, failures: list[str]
+    ) -> list[Mirror]:
+        mirrors: list[Mirror] = []
+        local = len(self.limits.local_mirrors)
+        for position, written in enumerate(urls):
+            try:
+                url = resolve_url(written, base_url)
+            except ValueError as exc:
+                failures.append(f"{redact(written)}: {exc}")
+                continue
+            if urlsplit(url).scheme.lower() in ("http", "https"):
+                mirrors.append(Mirror(url=url, shown=redact(url), local=position < local))
+            else:
+                failures.append(f"{redact(url)}: unsupported URL scheme")
+        return mirrors
+
+    def _engine(self, group: list[Mirror]) -> SegmentedDownload:
+        fresh = [Mirror(url=m.url, shown=m.shown, local=m.local) for m in group]
+        return SegmentedDownload(
+            self.client,
+            target=self.target,
+            partial=self.partial,
+            board=MirrorBoard(fresh, max_errors=self.limits.mirror_errors),
+            limits=self.limits,
+            budget=self.budget,
+            report=self.report,
+            on_connections=self.on_connections,
+            should_stop=self.should_stop,
+            stop_at=self.stop_at,
+            connect_timeout_s=self.connect_timeout_s,
+        )
+
+
+def _suspects(
+    contributors: list[Mirror], mirrors: list[Mirror], groups: list[list[Mirror]]
+) -> list[list[Mirror]]:
+    """The rounds left after a digest failure: each of several contributors alone (one of
+    them is wrong); a lone contributor is to blame and is left out of every later round."""
+    urls = {m.url for m in contributors}
+    if len(contributors) == 1:
+        kept = [[m for m in g if m.url not in urls] for g in groups]
+        kept = [g for g in kept if g]
+        rest = [m for m in mirrors if m.url not in urls]
+        return kept or ([rest] if rest and len(rest) < len(mirrors) else [])
+    alone = [[m] for m in mirrors if m.url in urls]
+    return alone + groups
+
+
 def _all_failed(name: str, failures: list[str]) -> DownloadError:
     last = failures[-1] if failures else "no mirror to try"
     more = f" (and {len(failures) - 1} earlier failure(s))" if len(failures) > 1 else ""
@@ -161,7 +393,7 @@ def _all_failed(name: str, failures: list[str]) -> DownloadError:
 
 
 def _fill(
-    attempt: _Attempt,
+    attempt: _MirrorAttempt,
     partial: _Partial,
     *,
     want: str,
@@ -203,7 +435,7 @@ def _finish_if_verified(partial: _Partial, want: str, report: Callable[[int], No
 
 
 def _from_mirrors(
-    attempt: _Attempt,
+    attempt: _MirrorAttempt,
     partial: _Partial,
     *,
     want: str,
@@ -220,11 +452,11 @@ def _from_mirrors(
                 failures.append(f"deadline of the download passed ({attempt.deadline_text()})")
                 return mismatch
             before = partial.length
-            shown = _redact(written)
+            shown = redact(written)
             try:
                 url = resolve_url(written, base_url)
-                shown = _redact(url)
-                attempt.fetch(url, partial)
+                shown = redact(url)
+                attempt.receive(url, partial)
             except ValueError as exc:
                 failures.append(f"{shown}: {exc}")
                 continue
@@ -264,7 +496,7 @@ class _ContentMismatchError(_MirrorError):
     """The mirror serves other bytes than declared (size, range, encoding); restart from 0."""
 
 
-class _Attempt:
+class _MirrorAttempt:
     """Fetches from one mirror URL into the partial file, enforcing size and deadline."""
 
     def __init__(
@@ -285,6 +517,7 @@ class _Attempt:
         self.connect_timeout_s = connect_timeout_s
         self.read_timeout_s = read_timeout_s
         self.report = report
+        self.received = 0  # body bytes taken from mirrors, for the tally per mirror
         self._started = time.monotonic()
 
     def expired(self) -> bool:
@@ -295,7 +528,19 @@ class _Attempt:
     def deadline_text(self) -> str:
         return f"{self.stop_at - self._started:.0f} s"
 
-    def fetch(self, url: str, partial: _Partial) -> None:
+    def receive(self, url: str, partial: _Partial) -> None:
+        """One request to one mirror, counted in the node's tally per mirror."""
+        before = self.received
+        try:
+            self._fetch(url, partial)
+        except _MirrorError:
+            mirror_tally().error(url)
+            raise
+        finally:
+            if self.received > before:
+                mirror_tally().received(url, self.received - before)
+
+    def _fetch(self, url: str, partial: _Partial) -> None:
         scheme = urlsplit(url).scheme.lower()
         if scheme in ("http", "https"):
             self._fetch_http(url, partial)
@@ -327,13 +572,13 @@ class _Attempt:
                 self._accept(response, partial, offset=offset)
                 self._receive(response, partial)
         except httpx.TimeoutException as exc:
-            raise _MirrorError(f"timed out ({_timeout_kind(exc)})") from exc
+            raise _MirrorError(f"timed out ({timeout_kind(exc)})") from exc
         except httpx.TooManyRedirects as exc:
             raise _MirrorError("too many redirects") from exc
         except httpx.HTTPError as exc:
-            raise _MirrorError(_describe(exc)) from exc
+            raise _MirrorError(describe(exc)) from exc
         except (httpx.InvalidURL, httpx.StreamError) as exc:
-            raise _MirrorError(_describe(exc)) from exc
+            raise _MirrorError(describe(exc)) from exc
 
     def _accept(self, response: httpx.Response, partial: _Partial, *, offset: int) -> None:
         """Decide from the status and headers whether the body can extend the partial file."""
@@ -341,7 +586,7 @@ class _Attempt:
         encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise _MirrorError(f"mirror sent Content-Encoding {encoding!r} despite identity")
-        length = _content_length(response)
+        length = content_length(response)
         if status == 200:
             if offset:
                 # The mirror ignored Range: what it sends starts at byte 0.
@@ -351,13 +596,13 @@ class _Attempt:
                 raise _ContentMismatchError(f"mirror sends {length} bytes, {self.size} declared")
             return
         if status == 206 and offset:
-            found = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
+            found = content_range(response)
             if found is None:
                 raise _MirrorError("206 without a usable Content-Range")
-            first, last, total = int(found.group(1)), int(found.group(2)), found.group(3)
+            first, last, total = found
             if first != offset:
                 raise _MirrorError(f"206 starts at byte {first}, asked for {offset}")
-            if total != "*" and int(total) != self.size:
+            if total is not None and total != self.size:
                 raise _ContentMismatchError(
                     f"mirror's file has {total} bytes, {self.size} declared"
                 )
@@ -376,6 +621,7 @@ class _Attempt:
         # CHUNK_BYTES before hashing and writing.
         for data in response.iter_raw():
             partial.append(data)
+            self.received += len(data)
             self.report(len(data))
             if self.expired():
                 partial.flush()
@@ -407,6 +653,7 @@ class _Attempt:
                 if not data:
                     break
                 partial.append(data)
+                self.received += len(data)
                 self.report(len(data))
                 if self.expired():
                     partial.flush()
@@ -471,6 +718,29 @@ class _HashingWriter:
 
 
 _QUEUE_DEPTH = 4  # batches of CHUNK_BYTES waiting to be hashed, per download
+_INLINE_BYTES = 2 * CHUNK_BYTES  # files up to this size are hashed without a writer thread
+
+
+class _InlineWriter:
+    """``_HashingWriter``'s interface, hashing and writing on the caller's thread."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.hash = hashlib.sha256()
+
+    def put(self, batch: list[bytes]) -> None:
+        for chunk in batch:
+            self.hash.update(chunk)
+        _write_all(self.fd, batch)
+
+    def drain(self) -> None:
+        return None
+
+    def reset(self) -> None:
+        self.hash = hashlib.sha256()
+
+    def close(self) -> None:
+        return None
 
 
 # writev takes at most this many buffers (EINVAL beyond): a mirror that trickles makes a
@@ -498,11 +768,17 @@ class _Partial:
     until they add up to ``CHUNK_BYTES``, then handed to the hashing writer as one batch.
     """
 
-    def __init__(self, path: Path, fd: int, *, size: int) -> None:
+    def __init__(self, path: Path, fd: int, *, size: int, durable: bool = True) -> None:
         self.path = path
         self.size = size
+        self.durable = durable
         self._fd = fd
-        self._writer = _HashingWriter(fd)
+        # A small file is hashed on the receiving thread: a thread per file would cost more
+        # than the overlap of hashing with receiving saves.
+        small = size <= _INLINE_BYTES
+        self._writer: _HashingWriter | _InlineWriter = (
+            _InlineWriter(fd) if small else _HashingWriter(fd)
+        )
         self._batch: list[bytes] = []
         self._batch_bytes = 0
         self.length = 0  # bytes accepted (written, queued or in the batch)
@@ -510,10 +786,10 @@ class _Partial:
         self.complete = False  # verified and fsync'ed
 
     @classmethod
-    def open(cls, path: Path, *, size: int) -> _Partial:
+    def open(cls, path: Path, *, size: int, durable: bool = True) -> _Partial:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        partial = cls(path, fd, size=size)
+        partial = cls(path, fd, size=size, durable=durable)
         try:
             partial._load()
         except BaseException:
@@ -528,7 +804,9 @@ class _Partial:
         if have > self.size:
             self.restart()
             return
-        buffer = bytearray(CHUNK_BYTES)
+        if not have:
+            return  # a new partial: no buffer to allocate (it would cost a small file dearly)
+        buffer = bytearray(min(CHUNK_BYTES, have))
         view = memoryview(buffer)
         digest = self._writer.hash
         while True:
@@ -572,7 +850,8 @@ class _Partial:
 
     def sync(self) -> None:
         self.flush()
-        os.fsync(self._fd)
+        if self.durable:
+            os.fsync(self._fd)
 
     def discard(self) -> None:
         self._batch, self._batch_bytes = [], 0
@@ -600,37 +879,3 @@ def _local_error(exc: OSError, *, name: str, path: Path) -> DownloadError | Disk
     if is_disk_full(exc):
         return DiskSpaceError(f"disk full while downloading {name} into {path.parent}")
     return DownloadError(f"cannot write {name} to {path}: {exc.strerror or exc}")
-
-
-def _content_length(response: httpx.Response) -> int | None:
-    text = response.headers.get("Content-Length")
-    if text is None or not text.strip().isdigit():
-        return None
-    return int(text)
-
-
-def _timeout_kind(exc: httpx.TimeoutException) -> str:
-    kinds = {
-        httpx.ConnectTimeout: "connect",
-        httpx.ReadTimeout: "no data",
-        httpx.WriteTimeout: "write",
-        httpx.PoolTimeout: "pool",
-    }
-    return kinds.get(type(exc), "timeout")
-
-
-def _describe(exc: Exception) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:200]
-
-
-def _redact(url: str) -> str:
-    """A URL fit for logs: no credentials, no query (presigned URLs carry secrets there)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))

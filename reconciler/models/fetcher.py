@@ -1,9 +1,10 @@
 """Fetching the blobs a snapshot's models miss: the space check, the downloads on worker
 threads, their progress, and one error for the whole fetch.
 
-Where it sits: the first step of an apply, through ``ModelStore.fetch``/``ensure``. It asks
+Where it sits: the first step of an apply, through ``ModelStore.fetch_blobs``/``ensure``. It asks
 ``BlobFolder`` what is missing, checks that it fits on disk, runs one ``download_file`` per
-missing digest (``concurrency`` at a time) into ``work/models/partial/<hex>``, hands every
+missing digest (``concurrency`` large files at a time, files up to ``BATCH_SYNC_BYTES`` up to
+``limits.connections`` at a time) into ``work/models/partial/<hex>``, hands every
 verified partial to ``BlobFolder.adopt`` and records each failure in the index (a model whose
 bytes failed verification shows as Failed).
 
@@ -41,9 +42,16 @@ from reconciler.models.layout import (
     os_failure,
     same_filesystem,
 )
+from reconciler.models.limits import ConnectionBudget, DownloadLimits
+from reconciler.models.mirrors import add_mirror_totals, mirror_tally
+from reconciler.models.partial import PartsRecord, record_path
 from reconciler.models.progress import ProgressReporter, format_bytes
 
-__all__ = ["Fetcher"]
+__all__ = ["BATCH_SYNC_BYTES", "Fetcher"]
+
+# Files up to this size are not fsynced one by one: the index syncs the filesystem once per
+# save before it records them (one sync per batch instead of one per file).
+BATCH_SYNC_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +60,8 @@ class _Run:
 
     client: httpx.Client
     base_url: str | None
+    limits: DownloadLimits
+    budget: ConnectionBudget
     labels: dict[str, str]  # digest → the first ``<model id>/<path>`` that uses it
     reporter: ProgressReporter | None
     cancel: threading.Event | None
@@ -85,7 +95,7 @@ class Fetcher:
                 f"+ {format_bytes(reserve_bytes)} reserve, {format_bytes(free)} free on {where}"
             )
 
-    def fetch(
+    def fetch_blobs(
         self,
         models: Sequence[ModelSpec],
         *,
@@ -95,8 +105,10 @@ class Fetcher:
         progress_reporter: ProgressReporter | None,
         reserve_bytes: int,
         cancel: threading.Event | None,
+        limits: DownloadLimits | None = None,
     ) -> list[str]:
-        """See ``ModelStore.fetch``; ``models`` passed ``check_models``."""
+        """See ``ModelStore.fetch_blobs``; ``models`` passed ``check_models``."""
+        limits = limits or DownloadLimits()
         missing = self._blobs.missing(models)
         if not missing:
             return []
@@ -108,6 +120,8 @@ class Fetcher:
         run = _Run(
             client=client,
             base_url=base_url,
+            limits=limits,
+            budget=ConnectionBudget(limits.connections),
             labels=_labels(models),
             reporter=progress_reporter,
             cancel=cancel,
@@ -118,12 +132,22 @@ class Fetcher:
         try:
             with (
                 self._index.saving_on_return(),
-                ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="fetch") as pool,
+                ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="fetch") as large,
+                ThreadPoolExecutor(_small_at_once(concurrency, limits), "fetch-small") as small,
             ):
-                outcomes = list(pool.map(lambda file: self._fetch_one(file, run), missing))
+                # A small file costs round trips, not bandwidth, so more of them run at once
+                # than large files; all of them take their connections from the one budget.
+                futures = [
+                    (small if f.size <= BATCH_SYNC_BYTES else large).submit(self._fetch_one, f, run)
+                    for f in missing
+                ]
+                outcomes = [future.result() for future in futures]
         finally:
             if run.reporter is not None:
                 run.reporter.finish()
+            # The metrics' figures per mirror: worth keeping, never worth failing a fetch for.
+            with contextlib.suppress(ReconcilerError):
+                add_mirror_totals(self._layout.mirrors_path, mirror_tally())
         errors = [e for e in outcomes if e is not None]
         if not errors:
             return [f.digest for f in missing]
@@ -165,6 +189,13 @@ class Fetcher:
                 deadline_s=deadline_for(file.size),
                 label=label,
                 should_stop=run.should_stop,
+                limits=run.limits,
+                budget=run.budget,
+                chunk_bytes=file.chunks.size if file.chunks else None,
+                chunk_digests=file.chunks.digests if file.chunks else (),
+                on_connections=run.reporter.connections_changed if run.reporter else None,
+                # Small files are synced as a batch before the index vouches for them.
+                durable=file.size > BATCH_SYNC_BYTES,
             )
         except HashMismatchError as exc:
             self._record_failure(hex_, "verification", exc)
@@ -173,7 +204,7 @@ class Fetcher:
             self._record_failure(hex_, "download", exc)
             raise
         try:
-            self._blobs.adopt(partial, hex_)
+            self._blobs.adopt(partial, hex_, synced=file.size > BATCH_SYNC_BYTES)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 partial.unlink()
@@ -189,11 +220,26 @@ class Fetcher:
                 index.note_change()
 
     def _still_to_download(self, file: ModelFile) -> int:
+        partial = self._layout.partial_dir / blob_hex(file.digest)
+        record = PartsRecord.load(record_path(partial))
+        if record is not None:
+            kept = record.trusted(
+                size=file.size, digest=file.digest, chunk_bytes=record.chunk_bytes
+            )
+            return file.size - (kept.total() if kept is not None else 0)
         try:
-            have = (self._layout.partial_dir / blob_hex(file.digest)).stat().st_size
+            have = partial.stat().st_size
         except OSError:
             have = 0
         return file.size - have if have <= file.size else file.size
+
+
+def _small_at_once(concurrency: int, limits: DownloadLimits) -> int:
+    """Files up to ``BATCH_SYNC_BYTES`` downloaded at once: twice ``concurrency``, within the
+    connection budget. More would hide more round trips on a distant mirror, but each file is
+    also Python work under one interpreter lock: on a 2-core node, loopback installs of 1,000
+    small files took 10-20 % longer with 16 at once than with 4 (bench/segmented.py)."""
+    return max(1, min(limits.connections, 2 * concurrency))
 
 
 def _labels(models: Iterable[ModelSpec]) -> dict[str, str]:

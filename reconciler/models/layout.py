@@ -10,10 +10,11 @@ Layout (docs/contract.md §4), under ``paths.models``::
     blobs/sha256/<hex>           one file per digest, read-only, verified before it got its name
     <name>/<version>/<path>      installed trees: hard links to the blobs
     .index.json                  what was verified, and the last fetch failures (``index``)
+    .mirrors.json                bytes and failed requests per mirror host (``mirrors``)
 
-and under ``paths.work/models``: ``partial/<hex>`` (downloads), ``trees/`` (trees being
-built), ``trash/`` (trees being deleted): on the same filesystem, so that everything reaches
-its final name by ``rename``.
+and under ``paths.work/models``: ``partial/<hex>`` (downloads, and ``<hex>.parts`` the record
+of a segmented one), ``trees/`` (trees being built), ``trash/`` (trees being deleted): on the
+same filesystem, so that everything reaches its final name by ``rename``.
 
 What it may not do: write anything. It reads the disk only to compare filesystems and to find
 where free space is counted.
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 INDEX_NAME = ".index.json"  # a leading dot: no model name can collide with it
+MIRRORS_NAME = ".mirrors.json"
 RESERVED_NAMES = frozenset({"blobs"})  # would collide with models/blobs/sha256/<hex>
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -74,6 +76,7 @@ class StoreLayout:
     build_dir: Path
     trash_dir: Path
     index_path: Path
+    mirrors_path: Path  # bytes and errors per mirror host, summed over every fetch (metrics)
 
     @classmethod
     def of(cls, paths: NodePaths) -> StoreLayout:
@@ -85,6 +88,7 @@ class StoreLayout:
             build_dir=work / "trees",
             trash_dir=work / "trash",
             index_path=paths.models / INDEX_NAME,
+            mirrors_path=paths.models / MIRRORS_NAME,
         )
 
 

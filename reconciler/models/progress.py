@@ -113,6 +113,8 @@ class ProgressReporter:
         self._files_total = 0
         self._files_done = 0
         self._files_failed = 0
+        self._connections = 0  # open to mirrors right now, over every file
+        self.peak_connections = 0
         self._last_output = float("-inf")
         self._last_step = 0
         self._drawn = False
@@ -136,6 +138,12 @@ class ProgressReporter:
             self._advance(name, delta)
 
         return advance
+
+    def connections_changed(self, delta: int) -> None:
+        """A download opened (+1) or closed (-1) a connection to a mirror."""
+        with self._lock:
+            self._connections = max(0, self._connections + delta)
+            self.peak_connections = max(self.peak_connections, self._connections)
 
     def file_finished(self, name: str, *, ok: bool, reason: str | None = None) -> None:
         with self._lock:
@@ -196,24 +204,31 @@ class ProgressReporter:
         self._last_output = now
         total = self._total
         self._logger.info(
-            "models: %s of %s (%d%%) at %s, %d of %d file(s) done",
+            "models: %s of %s (%d%%) at %s, ETA %s, %d connection(s), %d of %d file(s) done",
             format_bytes(total.done),
             format_bytes(total.size),
             int(total.fraction() * 100),
             format_rate(total.rate(now)),
+            self._eta(now) or "unknown",
+            self._connections,
             self._files_done,
             self._files_total,
         )
 
-    def _status_line(self, now: float) -> str:
+    def _eta(self, now: float) -> str | None:
         total = self._total
         rate = total.rate(now)
         left = total.size - total.done
-        eta = f" ETA {_format_duration(left / rate)}" if rate > 0 and left > 0 else ""
+        return _format_duration(left / rate) if rate > 0 and left > 0 else None
+
+    def _status_line(self, now: float) -> str:
+        total = self._total
+        eta = self._eta(now)
         head = (
             f"models {self._files_done}/{self._files_total} "
             f"{format_bytes(total.done)}/{format_bytes(total.size)} "
-            f"{int(total.fraction() * 100):3d}% {format_rate(rate)}{eta}"
+            f"{int(total.fraction() * 100):3d}% {format_rate(total.rate(now))}"
+            f"{f' ETA {eta}' if eta else ''} {self._connections} conn"
         )
         files = [
             f"{name} {int(m.fraction() * 100)}% {format_rate(m.rate(now))}"

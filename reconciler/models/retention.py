@@ -60,7 +60,8 @@ def collect_garbage(keep: set[str], *, layout: StoreLayout, index: Index, trees:
         try:
             removed, freed = _remove_unlinked_blobs(layout, index, keep_hex=keep_hex)
             for partial in file_entries(layout.partial_dir):
-                if partial.name not in keep_hex:
+                # ``<hex>.parts`` is the segment record of the partial ``<hex>``.
+                if partial.name.partition(".")[0] not in keep_hex:
                     partial.unlink(missing_ok=True)
         except OSError as exc:
             raise os_failure(exc, "removing unused model blobs") from exc

@@ -46,6 +46,7 @@ from reconciler.models.blobs import BlobFolder
 from reconciler.models.fetcher import Fetcher
 from reconciler.models.index import Index
 from reconciler.models.layout import INDEX_NAME, ModelLayoutError, StoreLayout, check_models
+from reconciler.models.limits import DownloadLimits
 from reconciler.models.progress import ProgressReporter
 from reconciler.models.retention import GcReport, collect_garbage, remove_model
 from reconciler.models.states import ModelState, ModelStatus, model_states
@@ -55,6 +56,7 @@ __all__ = [
     "INDEX_NAME",
     "BadFile",
     "BlobsMissingError",
+    "DownloadLimits",
     "EnsureReport",
     "GcReport",
     "InstalledModel",
@@ -137,6 +139,7 @@ class ModelStore:
         progress_reporter: ProgressReporter | None = None,
         reserve_bytes: int = 0,
         cancel: threading.Event | None = None,
+        limits: DownloadLimits | None = None,
     ) -> EnsureReport:
         """Make every model installed: fetch what is missing, then build or repair trees.
 
@@ -153,7 +156,7 @@ class ModelStore:
         error: ReconcilerError | None = None
         if client is not None:
             try:
-                self._fetcher.fetch(
+                self._fetcher.fetch_blobs(
                     todo,
                     client=client,
                     base_url=base_url,
@@ -161,6 +164,7 @@ class ModelStore:
                     progress_reporter=progress_reporter,
                     reserve_bytes=reserve_bytes,
                     cancel=cancel,
+                    limits=limits,
                 )
             except (DownloadError, DiskSpaceError) as exc:
                 error = exc
@@ -174,7 +178,7 @@ class ModelStore:
             raise error
         return EnsureReport(changed=tuple(changed), missing=tuple(missing))
 
-    def fetch(
+    def fetch_blobs(
         self,
         models: Sequence[ModelSpec],
         *,
@@ -184,13 +188,17 @@ class ModelStore:
         progress_reporter: ProgressReporter | None = None,
         reserve_bytes: int = 0,
         cancel: threading.Event | None = None,
+        limits: DownloadLimits | None = None,
     ) -> list[str]:
-        """Download every missing blob of ``models`` (each digest once), ``concurrency`` at a
-        time; return the digests fetched. Checks space first (nothing changes if it does not
+        """Download every missing blob of ``models`` (each digest once), ``concurrency`` files
+        over 4 MiB at a time and smaller ones up to ``limits.connections`` at a time; return
+        the digests fetched. Checks space first (nothing changes if it does not
         fit). Every file is attempted; then the first disk-full error, else a summary
-        ``HashMismatchError`` if any file's bytes were wrong, else a ``DownloadError``."""
+        ``HashMismatchError`` if any file's bytes were wrong, else a ``DownloadError``.
+        ``limits`` (default ``DownloadLimits()``; the node's come from
+        ``DownloadLimits.of(settings)``) caps the connections and splits large files."""
         check_models(models)
-        return self._fetcher.fetch(
+        return self._fetcher.fetch_blobs(
             models,
             client=client,
             base_url=base_url,
@@ -198,6 +206,7 @@ class ModelStore:
             progress_reporter=progress_reporter,
             reserve_bytes=reserve_bytes,
             cancel=cancel,
+            limits=limits,
         )
 
     def install(self, model: ModelSpec) -> bool:

@@ -9,12 +9,14 @@ publisher cannot sign what every node would reject.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from nacl.signing import SigningKey
@@ -42,13 +44,16 @@ from reconciler.core.schema import SchemaError, SchemaName, validate
 from reconciler.disk.atomic import write_atomic
 
 __all__ = [
+    "ChunksFilled",
     "Published",
     "RolloutRevision",
     "canonical_json",
     "make_root",
     "parse_duration",
+    "parse_size",
     "publish_snapshot",
     "refresh_head",
+    "with_chunks",
 ]
 
 
@@ -78,6 +83,113 @@ def parse_duration(text: str) -> int:
     if not body.isdigit() or int(body) <= 0:
         raise SettingsError(f"{text!r} is not a duration (examples: 3600, 90m, 12h, 7d)")
     return int(body) * units[unit]
+
+
+def parse_size(text: str) -> int:
+    """``65536``, ``64K``, ``8M``, ``1G`` (powers of 1024) → bytes."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    upper = text.strip().upper().removesuffix("IB").removesuffix("B")
+    body, unit = (upper[:-1], upper[-1]) if upper and upper[-1] in units else (upper, "")
+    if not body.isdigit() or int(body) <= 0:
+        raise SettingsError(f"{text!r} is not a size (examples: 65536, 64K, 8M, 1G)")
+    return int(body) * units.get(unit, 1)
+
+
+@dataclass(frozen=True)
+class ChunksFilled:
+    """What ``with_chunks`` did: model files given chunk digests, and files it looked for in
+    vain (or that already had them, or are one chunk or less: nothing to gain)."""
+
+    filled: int
+    not_found: int
+    skipped: int
+
+
+CHUNK_READ = 1 << 20  # bytes read per call while hashing a model file
+
+
+def with_chunks(
+    snapshot: dict[str, Any], folder: Path, *, chunk_bytes: int
+) -> tuple[dict[str, Any], ChunksFilled]:
+    """A copy of ``snapshot`` whose model files found in ``folder`` carry per-chunk digests
+    (docs/contract.md §2 ``chunks``): ``chunk_bytes`` each, the last one shorter.
+
+    A file is looked for by content address, ``folder/blobs/sha256/<hex>`` (a node's store, a
+    LAN cache), then as ``folder/<name>/<version>/<path>`` (a node's models folder), then as
+    ``folder/<path>``; the first with the declared size is read once, for the whole-file digest
+    and the chunks at the same time. A file whose bytes do not match its declared digest is
+    refused: the chunks would vouch for bytes no node accepts. Files that already have
+    ``chunks``, or are not longer than one chunk, are left as they are."""
+    document = copy.deepcopy(snapshot)
+    filled = not_found = skipped = 0
+    for model, entry in _model_files(document):
+        if "chunks" in entry or int(entry.get("size", 0)) <= chunk_bytes:
+            skipped += 1
+            continue
+        source = _find_model_file(folder, model, entry)
+        if source is None:
+            not_found += 1
+            continue
+        entry["chunks"] = {
+            "size": chunk_bytes,
+            "digests": _chunk_digests(source, entry, chunk_bytes),
+        }
+        filled += 1
+    return document, ChunksFilled(filled=filled, not_found=not_found, skipped=skipped)
+
+
+def _model_files(document: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    models = document.get("models")
+    for model in models if isinstance(models, list) else []:
+        files = model.get("files") if isinstance(model, dict) else None
+        for entry in files if isinstance(files, list) else []:
+            if isinstance(entry, dict):
+                yield model, entry
+
+
+def _find_model_file(folder: Path, model: dict[str, Any], entry: dict[str, Any]) -> Path | None:
+    path, digest = str(entry.get("path", "")), str(entry.get("digest", ""))
+    parts = PurePosixPath(path).parts
+    if not parts or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        return None  # the schema refuses the snapshot later; never read outside the folder
+    places = [folder.joinpath(*parts)]
+    name, version = str(model.get("name", "")), str(model.get("version", ""))
+    if name and version and "/" not in name + version and ".." not in (name, version):
+        places.insert(0, folder / name / version / Path(*parts))
+    hex_ = digest.removeprefix("sha256:")
+    if hex_ != digest and hex_.isalnum():
+        places.insert(0, folder / "blobs" / "sha256" / hex_)
+    for place in places:
+        try:
+            if place.is_file() and place.stat().st_size == entry.get("size"):
+                return place
+        except OSError:
+            continue
+    return None
+
+
+def _chunk_digests(source: Path, entry: dict[str, Any], chunk_bytes: int) -> list[str]:
+    whole, chunk, have = hashlib.sha256(), hashlib.sha256(), 0
+    digests: list[str] = []
+    try:
+        with source.open("rb") as handle:
+            while data := handle.read(min(CHUNK_READ, chunk_bytes - have)):
+                whole.update(data)
+                chunk.update(data)
+                have += len(data)
+                if have == chunk_bytes:
+                    digests.append("sha256:" + chunk.hexdigest())
+                    chunk, have = hashlib.sha256(), 0
+    except OSError as exc:
+        raise SettingsError(f"cannot read {source}: {exc.strerror or exc}") from exc
+    if have:
+        digests.append("sha256:" + chunk.hexdigest())
+    if "sha256:" + whole.hexdigest() != entry.get("digest"):
+        raise SettingsError(
+            f"{source} does not match the digest of {entry.get('path')} "
+            f"({entry.get('digest')}): refusing to publish chunk digests of other bytes"
+        )
+    return digests
 
 
 def _checked(schema: SchemaName, obj: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """Metrics for node_exporter's textfile collector, from what the node recorded.
 
-Edge module (reads the node record and the model store's index; writes one file when the
-``metrics_path`` setting names it). Names are stable: dashboards and alerts depend on them.
+Edge module (reads the node record, the model store's index and its figures per mirror;
+writes one file when the ``metrics_path`` setting names it). Names are stable: dashboards and
+alerts depend on them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,11 @@ from pathlib import Path
 
 from reconciler.core.documents import parse_time
 from reconciler.core.record import NodeState
+from reconciler.core.rollout import RolloutWait
 from reconciler.history.node import Node
+from reconciler.models.layout import StoreLayout
+from reconciler.models.mirrors import read_mirror_totals
+from reconciler.report.deliveries import read_deliveries
 from reconciler.report.metrics import Metric, write_metrics
 
 __all__ = ["node_metrics", "write_node_metrics"]
@@ -41,6 +46,9 @@ def node_metrics(
     metrics = [
         *_record_metrics(node.state, now=now),
         *_counter_metrics(node.state),
+        *_report_metrics(node),
+        *_mirror_metrics(node),
+        *_rollout_metrics(node.state, now=now),
         Metric(
             "reconciler_model_bytes_installed",
             "Bytes of model blobs on disk.",
@@ -133,6 +141,103 @@ def _counter_metrics(state: NodeState) -> list[Metric]:
             state.counters.get("rejections", 0),
         ),
     ]
+
+
+def _report_metrics(node: Node) -> list[Metric]:
+    """Reports sent to the collector (docs/contract.md §9), accepted or not."""
+    record = read_deliveries(node.paths.state_dir)
+    return [
+        Metric(
+            "reconciler_reports_total",
+            "Reports PUT to the collector, by result.",
+            "counter",
+            count,
+            labels=(("result", result),),
+        )
+        for result, count in (("ok", record.sent), ("failed", record.failed))
+    ]
+
+
+def _mirror_metrics(node: Node) -> list[Metric]:
+    """Bytes received from and failed requests of each mirror host, over every fetch (the
+    model store records them in ``models/.mirrors.json`` at the end of each)."""
+    totals = read_mirror_totals(StoreLayout.of(node.paths).mirrors_path)
+    hosts = sorted(totals.received.keys() | totals.errors.keys())
+    return [
+        *(
+            Metric(
+                "reconciler_mirror_bytes_total",
+                "Model file bytes received from a mirror host.",
+                "counter",
+                totals.received.get(host, 0),
+                labels=(("mirror", host),),
+            )
+            for host in hosts
+        ),
+        *(
+            Metric(
+                "reconciler_mirror_errors_total",
+                "Failed requests to a mirror host (errors, stalls, wrong bytes).",
+                "counter",
+                totals.errors.get(host, 0),
+                labels=(("mirror", host),),
+            )
+            for host in hosts
+        ),
+    ]
+
+
+def _rollout_metrics(state: NodeState, *, now: float) -> list[Metric]:
+    """Where this node stands in a rollout (docs/contract.md §8): waiting, or entered."""
+    wait = RolloutWait.from_record(state.rollout_wait)
+    out_of_wave = wait is not None and wait.admission(now) is None
+    metrics = [
+        Metric(
+            "reconciler_rollout_waiting",
+            "1 while a stored snapshot waits for this node's rollout wave.",
+            "gauge",
+            1 if out_of_wave else 0,
+        )
+    ]
+    if wait is not None:
+        found = wait.entry()
+        metrics.append(
+            Metric(
+                "reconciler_rollout_enters_timestamp_seconds",
+                "When the wave that lets this node take the waiting snapshot opens (-1: none).",
+                "gauge",
+                found.at if found is not None else -1,
+            )
+        )
+    entered = state.rollout_entered
+    position = str(wait.position) if wait is not None else (entered or {}).get("position")
+    if position is not None:
+        metrics.append(
+            Metric(
+                "reconciler_rollout_position_percent",
+                "This node's position in the rollout it waits for, or last entered.",
+                "gauge",
+                float(position),
+            )
+        )
+    if entered:
+        metrics.extend(
+            [
+                Metric(
+                    "reconciler_rollout_entered_wave",
+                    "The wave through which HEAD last moved.",
+                    "gauge",
+                    entered["wave"],
+                ),
+                Metric(
+                    "reconciler_rollout_entered_timestamp_seconds",
+                    "When HEAD last moved through a rollout wave.",
+                    "gauge",
+                    parse_time(entered["at"]),
+                ),
+            ]
+        )
+    return metrics
 
 
 def write_node_metrics(node: Node, *, last_apply_s: float | None) -> None:
