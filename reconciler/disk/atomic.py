@@ -15,7 +15,7 @@ from pathlib import Path
 
 from reconciler.core.errors import DiskSpaceError, TransientError
 
-__all__ = ["fsync_dir", "write_atomic"]
+__all__ = ["fsync_dir", "is_disk_full", "write_atomic"]
 
 
 def fsync_dir(folder: Path) -> None:
@@ -26,12 +26,17 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def is_disk_full(exc: OSError) -> bool:
+    """Whether ``exc`` means no space is left (a full disk, or the user's quota)."""
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data``; the temporary file shares the folder (same filesystem)."""
     try:
         _write_atomic(path, data, mode=mode)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if is_disk_full(exc):
             raise DiskSpaceError(f"disk full while writing {path}") from exc
         raise TransientError(f"cannot write {path}: {exc.strerror or exc}") from exc
 

@@ -40,7 +40,8 @@ from urllib.request import url2pathname
 import httpx
 
 from reconciler.core.errors import DiskSpaceError, DownloadError, HashMismatchError
-from reconciler.models.layout import digest_hex, is_disk_full
+from reconciler.disk.atomic import is_disk_full
+from reconciler.models.layout import digest_hex
 from reconciler.models.limits import ConnectionBudget, DownloadLimits
 from reconciler.models.mirrors import Mirror, MirrorBoard, mirror_tally
 from reconciler.models.partial import discard, record_path

@@ -22,7 +22,6 @@ where free space is counted.
 
 from __future__ import annotations
 
-import errno
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 from reconciler.core.documents import ModelFile, ModelSpec
 from reconciler.core.errors import DiskSpaceError, ReconcilerError, TransientError
 from reconciler.core.paths import NodePaths
+from reconciler.disk.atomic import is_disk_full
 
 __all__ = [
     "INDEX_NAME",
@@ -42,7 +42,6 @@ __all__ = [
     "digest_hex",
     "existing_ancestor",
     "is_blob_name",
-    "is_disk_full",
     "is_layout_name",
     "os_failure",
     "parse_model_id",
@@ -58,7 +57,6 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _HEX = "[0-9a-f]{64}"
 _DIGEST = re.compile(rf"^sha256:({_HEX})$")
 _BLOB_NAME = re.compile(rf"^{_HEX}$")
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
 class ModelLayoutError(TransientError):
@@ -175,10 +173,6 @@ def existing_ancestor(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
-
-
-def is_disk_full(exc: OSError) -> bool:
-    return exc.errno in _NO_SPACE
 
 
 def os_failure(exc: OSError, doing: str) -> ReconcilerError:
