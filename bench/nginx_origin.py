@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tests.support.podman_fixtures import free_port
 
-__all__ = ["NginxOrigin", "start_nginx"]
+__all__ = ["NginxOrigin", "nginx_binary", "run_nginx", "start_nginx", "stop_nginx"]
 
 _CONFIG = """daemon off;
 master_process off;
@@ -78,14 +78,47 @@ class NginxOrigin:
             os.truncate(self._log, 0)
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_nginx(self.process)
+
+
+def nginx_binary() -> str | None:
+    """Debian's nginx, on PATH or in /usr/sbin (not on a non-root PATH)."""
+    return shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None
+    )
+
+
+def stop_nginx(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s: one process, so its pid is all of it."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
+def run_nginx(binary: str, config: Path, prefix: Path, port: int) -> subprocess.Popen[bytes]:
+    """Start nginx on ``config`` and wait (10 s) until ``port`` answers; else stop it and
+    raise with the tail of its stderr."""
+    with (prefix / "stderr.log").open("wb") as log:
+        process = subprocess.Popen(
+            [binary, "-c", str(config), "-p", str(prefix)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return process
+        time.sleep(0.05)
+    stop_nginx(process)
+    tail = (prefix / "stderr.log").read_text(errors="replace")[-800:]
+    raise RuntimeError(f"nginx did not start: {tail}")
 
 
 def start_nginx(
@@ -94,9 +127,7 @@ def start_nginx(
     """nginx serving ``root``; ``limit_rate`` (nginx syntax, e.g. ``16m``) caps each
     connection, as CDNs and model hubs do; ``log_bytes`` logs the body bytes of every
     request (``NginxOrigin.body_bytes_sent``)."""
-    binary = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None
-    )
+    binary = nginx_binary()
     if binary is None:
         return None
     prefix.mkdir(parents=True, exist_ok=True)
@@ -115,22 +146,5 @@ def start_nginx(
         ),
         encoding="utf-8",
     )
-    log = (prefix / "stderr.log").open("wb")
-    process = subprocess.Popen(
-        [binary, "-c", str(config), "-p", str(prefix)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return NginxOrigin(process, port, root, prefix)
-        time.sleep(0.05)
-    origin = NginxOrigin(process, port, root, prefix)
-    origin.close()
-    tail = (prefix / "stderr.log").read_text(errors="replace")[-500:]
-    raise RuntimeError(f"nginx did not start: {tail}")
+    process = run_nginx(binary, config, prefix, port)
+    return NginxOrigin(process, port, root, prefix)

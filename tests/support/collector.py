@@ -9,16 +9,12 @@ from a private prefix (``-p``, ``daemon off``, one process) and is stopped by it
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
 
+from bench.nginx_origin import nginx_binary, run_nginx, stop_nginx
 from tests.support.podman_fixtures import free_port
 
 __all__ = ["Collector", "collector_location", "start_collector"]
@@ -56,14 +52,7 @@ class Collector:
         self.nodes = root / "reports" / "nodes"
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_nginx(self.process)
 
 
 def collector_location() -> str:
@@ -77,9 +66,7 @@ def collector_location() -> str:
 
 def start_collector(root: Path, prefix: Path) -> Collector | None:
     """nginx storing PUTs under ``root/reports/nodes/``."""
-    binary = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").is_file() else None
-    )
+    binary = nginx_binary()
     if binary is None:
         return None
     prefix.mkdir(parents=True, exist_ok=True)
@@ -93,19 +80,4 @@ def start_collector(root: Path, prefix: Path) -> Collector | None:
         _CONFIG.format(user=user, prefix=prefix, port=port, root=root, location=location),
         encoding="utf-8",
     )
-    with (prefix / "stderr.log").open("wb") as log:
-        process = subprocess.Popen(
-            [binary, "-c", str(config), "-p", str(prefix)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and process.poll() is None:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return Collector(process, port, root)
-        time.sleep(0.05)
-    Collector(process, port, root).close()
-    tail = (prefix / "stderr.log").read_text(errors="replace")[-800:]
-    raise RuntimeError(f"nginx did not start: {tail}")
+    return Collector(run_nginx(binary, config, prefix, port), port, root)
