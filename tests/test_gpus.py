@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from reconciler.apply.edges import NodeHost
 from reconciler.apply.transaction import converge_with
 from reconciler.config.settings import Settings
 from reconciler.core.cdi import HostFacts
@@ -33,7 +34,6 @@ from reconciler.report.metrics import render
 from reconciler.report.node_report import report_payload
 from reconciler.report.status import format_status, status_report
 from reconciler.runtime import gpus as gpus_edge
-from reconciler.runtime.cdi import read_inventory
 from reconciler.runtime.gpus import discover_gpus
 from tests.support.origin_fixtures import NodeUnderTest
 from tests.support.podman_fixtures import snapshot_payload
@@ -241,13 +241,14 @@ def test_participation_is_gated_on_the_discovered_vram() -> None:
 
 @dataclass
 class FakeHost:
-    """``HostEdge`` over a fake NVML and a real folder of CDI spec files."""
+    """The production ``NodeHost`` over a fake NVML and a real folder of CDI spec files."""
 
     nvml: FakeNvml
     cdi_dir: Path
 
     def read(self, settings: Settings) -> HostFacts:
-        return HostFacts(gpus=discover_gpus(self.nvml), cdi=read_inventory([str(self.cdi_dir)]))
+        folders = (str(self.cdi_dir),)
+        return NodeHost(self.nvml).read(replace(settings, cdi_spec_dirs=folders))
 
 
 SPEC = """cdiVersion: 0.5.0
@@ -337,5 +338,15 @@ def test_a_converge_uses_discovered_vram_holds_an_undefined_device_and_follows_d
         assert scene.runtime.containers["reconciler-web"].id == web_id
         gpu_id = scene.runtime.containers["reconciler-gpu"].id
 
-    # Nothing changed: a no-op pass.
+    # Nothing changed: a no-op pass. Nor does NVML failing once change anything: the devices
+    # last seen are kept (status says so), so no container is replaced, no subcloud left.
     assert converge_with(scene.node(), edges=edges, offline=False).result is ApplyResult.NOOP
+    host.nvml.fail = "nvmlInit"
+    assert converge_with(scene.node(), edges=edges, offline=False).result is ApplyResult.NOOP
+    assert scene.runtime.containers["reconciler-gpu"].id == gpu_id
+    kept = status_report(scene.node())
+    assert kept["gpus"]["source"] == "nvml" and kept["gpus"]["vram_mib"] == 24576
+    assert (
+        kept["gpus"]["note"] == "as last seen; now NVML: NVMLError: nvmlInit failed: Unknown Error"
+    )
+    assert kept["participation"]["subclouds"] == ["eu-24g"]

@@ -11,6 +11,7 @@ nothing about the apply itself.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from reconciler.core.cdi import HostFacts
 from reconciler.core.containerplan import ContainerPlan, ObservedContainer
 from reconciler.core.documents import ModelSpec
 from reconciler.core.errors import DownloadError
+from reconciler.core.gpus import GpuFacts, keep_known
 from reconciler.core.specs import ContainerSpec
 from reconciler.history.node import Node
 from reconciler.models.limits import DownloadLimits
@@ -117,7 +119,17 @@ class NodeHost:
     nvml: Any | None = None
 
     def read(self, settings: Settings) -> HostFacts:
-        return HostFacts(gpus=discover_gpus(self.nvml), cdi=read_inventory(settings.cdi_spec_dirs))
+        known = _recorded_gpus(Path(settings.state_dir) / "gpus.json")
+        gpus = keep_known(discover_gpus(self.nvml), known)
+        return HostFacts(gpus=gpus, cdi=read_inventory(settings.cdi_spec_dirs))
+
+
+def _recorded_gpus(path: Path) -> GpuFacts | None:
+    """The facts the last pass recorded (``apply.steps.write_host_facts``), if readable."""
+    try:
+        return GpuFacts.from_json(json.loads(path.read_bytes())["gpus"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass(frozen=True, kw_only=True)

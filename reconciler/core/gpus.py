@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "GpuSource",
     "discovered",
     "gpu_fingerprint",
+    "keep_known",
     "no_gpus",
     "with_setting",
 ]
@@ -64,6 +65,9 @@ class GpuFacts:
     vram_mib: int | None = None  # largest single GPU (module docstring), or the setting
     driver: str | None = None
     note: str | None = None  # why there is nothing from NVML, in one line
+    # NVML failed (an error, a timeout) rather than said "no GPU": the caller may keep what
+    # it saw last (``keep_known``). Not written out: a kept value says so in its note.
+    failed: bool = field(default=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -124,6 +128,19 @@ def discovered(devices: Iterable[GpuDevice], *, driver: str | None) -> GpuFacts:
 
 def no_gpus(note: str) -> GpuFacts:
     return GpuFacts(source="none", note=note)
+
+
+def keep_known(fresh: GpuFacts, known: GpuFacts | None) -> GpuFacts:
+    """What a pass uses when NVML failed: the devices last seen, if any, with a note.
+
+    A driver that hangs or errs once must not make the node leave its subclouds, nor replace
+    every container with devices (their fingerprint would change twice: now, and when NVML
+    answers again). A library that is missing or a node with no GPU is a fact, not a failure.
+    """
+    if not fresh.failed or known is None or not known.devices:
+        return fresh
+    kept = discovered(known.devices, driver=known.driver)
+    return replace(kept, note=f"as last seen; now {fresh.note}")
 
 
 def with_setting(facts: GpuFacts, vram_mib: int | None) -> GpuFacts:

@@ -18,6 +18,7 @@ import importlib
 import logging
 import threading
 import time
+from dataclasses import replace
 from typing import Any
 
 from reconciler.core.gpus import GpuDevice, GpuFacts, discovered, no_gpus
@@ -79,7 +80,8 @@ def _on_thread(nvml: Any, timeout_s: float) -> GpuFacts:
             answer.append(_read(nvml))
         except Exception as exc:  # every NVML failure means "no GPUs": pynvml.NVMLError,
             # and what a broken driver library raises through ctypes (OSError, AttributeError)
-            answer.append(no_gpus(f"NVML: {type(exc).__name__}: {exc}"[:300]))
+            note = f"NVML: {type(exc).__name__}: {exc}"[:300]
+            answer.append(replace(no_gpus(note), failed=True))
         finally:
             with _lock:
                 _hung_since = None
@@ -91,7 +93,7 @@ def _on_thread(nvml: Any, timeout_s: float) -> GpuFacts:
     thread.join(timeout_s)
     if answer:
         return answer[0]
-    return no_gpus(f"NVML did not answer within {timeout_s:g} s")
+    return replace(no_gpus(f"NVML did not answer within {timeout_s:g} s"), failed=True)
 
 
 def discover_gpus(nvml: Any | None = None, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> GpuFacts:
@@ -104,7 +106,8 @@ def discover_gpus(nvml: Any | None = None, *, timeout_s: float = DEFAULT_TIMEOUT
         with _lock:
             hung = _hung_since is not None
         if hung:
-            facts = no_gpus("NVML is still not answering an earlier call (wedged driver?)")
+            note = "NVML is still not answering an earlier call (wedged driver?)"
+            facts = replace(no_gpus(note), failed=True)
         else:
             facts = _on_thread(module, timeout_s)
     _log_change(facts)
