@@ -3,28 +3,34 @@
 Where it sits: the transaction (``apply.transaction``) and its steps (``apply.steps``) see the
 model store, the container runtime, the hooks and the clock only through the small protocols
 here; ``production_edges`` wires the real ones (``ModelStore``, ``PodmanEdge``, ``run_hook``,
-``time.time``) and tests pass fakes. The node's own state (history, record, paths, settings)
-comes in as the ``Node``. This module decides nothing about the apply itself.
+``time.time``, ``NodeHost`` for GPUs and CDI specs) and tests pass fakes. The node's own
+state (history, record, paths, settings) comes in as the ``Node``. This module decides
+nothing about the apply itself.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from reconciler.apply.crash import die_at
 from reconciler.config.settings import Settings
+from reconciler.core.cdi import HostFacts
 from reconciler.core.containerplan import ContainerPlan, ObservedContainer
 from reconciler.core.documents import ModelSpec
 from reconciler.core.errors import DownloadError
+from reconciler.core.gpus import GpuFacts, keep_known
 from reconciler.core.specs import ContainerSpec
 from reconciler.history.node import Node
 from reconciler.models.limits import DownloadLimits
 from reconciler.models.store import ModelStore
+from reconciler.runtime.cdi import read_inventory
+from reconciler.runtime.gpus import discover_gpus
 from reconciler.runtime.hooks import HookResult, run_hook
 from reconciler.runtime.podman import ActionOutcome, PodmanEdge
 
@@ -35,7 +41,9 @@ __all__ = [
     "GcFreed",
     "HookRunner",
     "HooksFolder",
+    "HostEdge",
     "ModelsEdge",
+    "NodeHost",
     "PodmanSession",
     "RuntimeEdge",
     "StoreEdge",
@@ -98,6 +106,32 @@ class CrashSeam(Protocol):
     def __call__(self, point: str) -> None: ...
 
 
+class HostEdge(Protocol):
+    """The node's own devices: its GPUs and the CDI specs that expose them (§11)."""
+
+    def read(self, settings: Settings) -> HostFacts: ...
+
+
+@dataclass(frozen=True)
+class NodeHost:
+    """``HostEdge`` over NVML and the ``cdi_spec_dirs``; ``nvml`` is injected by tests."""
+
+    nvml: Any | None = None
+
+    def read(self, settings: Settings) -> HostFacts:
+        known = _recorded_gpus(Path(settings.state_dir) / "gpus.json")
+        gpus = keep_known(discover_gpus(self.nvml), known)
+        return HostFacts(gpus=gpus, cdi=read_inventory(settings.cdi_spec_dirs))
+
+
+def _recorded_gpus(path: Path) -> GpuFacts | None:
+    """The facts the last pass recorded (``apply.steps.write_host_facts``), if readable."""
+    try:
+        return GpuFacts.from_json(json.loads(path.read_bytes())["gpus"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Edges:
     models: ModelsEdge
@@ -105,6 +139,7 @@ class Edges:
     hooks: HookRunner
     clock: Clock
     crash: CrashSeam
+    host: HostEdge = field(default_factory=NodeHost)
 
 
 class StoreEdge:

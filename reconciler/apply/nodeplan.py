@@ -16,6 +16,7 @@ from reconciler.apply.edges import ModelsEdge, RuntimeEdge
 from reconciler.apply.target import ApplyTarget
 from reconciler.core.containerplan import ContainerPlan, plan_containers
 from reconciler.core.documents import ModelSpec
+from reconciler.core.specs import container_name
 
 __all__ = ["NOTIFYING_FILES", "NodePlan", "plan_node"]
 
@@ -36,6 +37,8 @@ class NodePlan:
 
     @property
     def empty(self) -> bool:
+        """Held runtimes do not count: no pass can create them until the node's CDI specs
+        change, and then the plan has a ``create`` for them."""
         return (
             self.containers.empty
             and not self.models_to_install
@@ -61,6 +64,7 @@ class NodePlan:
             lines.append(f"download {self.download_bytes} bytes of model files")
         lines += [f"write runtime/{name}" for name in self.files_changed]
         lines += self.containers.describe()
+        lines += [held.describe() for held in self.target.held]
         lines += [f"remove model {model_id}" for model_id in self.trees_to_remove]
         return lines
 
@@ -79,6 +83,7 @@ class NodePlan:
             },
             "runtime_files": list(self.files_changed),
             "participation": {"subclouds": list(t.view.subclouds), "modes": list(t.view.modes)},
+            "held": [h.to_json() for h in t.held],
         }
 
 
@@ -107,7 +112,10 @@ def plan_node(
         if existed and any(n in files_changed for n in NOTIFYING_FILES)
         else frozenset()
     )
-    containers = plan_containers(target.containers, runtime.observe(), notify_runtimes=notify)
+    keep = frozenset(container_name(h.runtime) for h in target.held)
+    containers = plan_containers(
+        target.containers, runtime.observe(), notify_runtimes=notify, keep=keep
+    )
     wanted = target.snapshot.models
     to_install = models.not_installed(wanted)
     wanted_ids = {m.id for m in wanted}

@@ -31,6 +31,7 @@ from reconciler.runtime.podman import ActionOutcome
 __all__ = [
     "change_containers",
     "fetch_models",
+    "held_suffix",
     "hook_env",
     "observed_view",
     "participation_moves",
@@ -40,6 +41,7 @@ __all__ = [
     "retained_digests",
     "run_agent_update",
     "run_pre_apply",
+    "write_host_facts",
     "write_model_states",
     "write_plan",
     "write_runtime_files",
@@ -298,6 +300,27 @@ def observed_view(runtime: RuntimeEdge) -> list[dict[str, Any]]:
         ]
     except ReconcilerError:
         return []
+
+
+def write_host_facts(state_dir: Path, target: ApplyTarget) -> None:
+    """``gpus.json``: the GPU facts, the CDI specs and the held runtimes of this pass, for
+    ``status``, the metrics and the node report (which never read NVML themselves). Written
+    only when it changes, so a converged node does not rewrite it every pass."""
+    data = (json.dumps(target.facts_json(), indent=2, sort_keys=True) + "\n").encode("utf-8")
+    path = state_dir / "gpus.json"
+    try:
+        if path.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    write_atomic(path, data)
+
+
+def held_suffix(target: ApplyTarget) -> str:
+    """What an outcome's line adds for runtimes held back: they are not an error."""
+    if not target.held:
+        return ""
+    return "; " + "; ".join(h.describe().removeprefix("hold ") + " (held)" for h in target.held)
 
 
 def write_model_states(state_dir: Path, models: ModelsEdge, target: ApplyTarget) -> None:

@@ -45,6 +45,7 @@ from reconciler.apply.recovery import recover
 from reconciler.apply.steps import (
     change_containers,
     fetch_models,
+    held_suffix,
     hook_env,
     observed_view,
     participation_moves,
@@ -54,6 +55,7 @@ from reconciler.apply.steps import (
     retained_digests,
     run_agent_update,
     run_pre_apply,
+    write_host_facts,
     write_model_states,
     write_plan,
     write_runtime_files,
@@ -139,6 +141,7 @@ def converge_with(
     if not isinstance(decided, ApplyTarget):
         return decided
     reason = reason or ("repair" if node.state.applied_digest == decided.digest else decided.reason)
+    write_host_facts(node.paths.state_dir, decided)
     try:
         if full_verify:
             for line in edges.models.verify():
@@ -185,7 +188,7 @@ def _decide_target(
     if skipped is not None:
         return skipped
     try:
-        return load_target(node, head)
+        return load_target(node, head, host=edges.host.read(node.settings))
     except RejectedError as exc:
         return _unverified(node, head, exc, clock=edges.clock)
     except SnapshotFaultError as exc:
@@ -314,7 +317,7 @@ def _settle(node: Node, target: ApplyTarget, *, edges: Edges, reason: str) -> Co
     return ConvergeOutcome(
         converged=True,
         result=ApplyResult.NOOP,
-        message=f"converged on serial {target.serial} ({target.digest})",
+        message=f"converged on serial {target.serial} ({target.digest}){held_suffix(target)}",
         digest=target.digest,
     )
 
@@ -335,6 +338,8 @@ def _attempt(
     target = node_plan.target
     attempt = AttemptLog(target, reason=reason, clock=edges.clock)
     env = _begin(node, node_plan, attempt=attempt)
+    for held in target.held:
+        attempt.step("held", held.describe())
     moves = participation_moves(node.paths.runtime, target)
     finish = partial(_finish, node, node_plan, edges=edges, attempt=attempt, env=env, moves=moves)
     try:
@@ -433,7 +438,7 @@ def _finish(
     message = (
         f"converged on serial {target.serial} ({target.digest}): "
         f"{len(attempt.outcomes)} container action(s), "
-        f"{len(node_plan.models_to_install)} model(s) installed"
+        f"{len(node_plan.models_to_install)} model(s) installed{held_suffix(target)}"
         if error is None
         else error.one_line()
     )

@@ -57,6 +57,8 @@ class Settings:
     report_url: str | None = None
     log_format: str = "human"  # human | json
     fetch_timeout_s: float = 30.0  # seconds: overall deadline per origin document (addition)
+    # Folders of CDI specs checked before a runtime with devices is created (§11, addition).
+    cdi_spec_dirs: tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")
 
     @property
     def effective_podman_url(self) -> str:
@@ -151,7 +153,7 @@ def load_settings(
     ):
         _check(layer, source)
         merged.update(layer)
-    for key in ("opt_out_subclouds", "local_mirrors"):
+    for key in ("opt_out_subclouds", "local_mirrors", "cdi_spec_dirs"):
         if key in merged:
             merged[key] = tuple(merged[key])
     return replace(Settings(), **merged)

@@ -19,6 +19,10 @@ Rules (docs/contract.md §5):
   or started in this pass is not notified: its new process reads the current file anyway;
 * managed but not desired (a runtime the snapshot dropped, or a temporary container left by an
   interrupted start-first replace) → ``remove``;
+* a managed container named in ``keep`` (the container of a runtime held back because a CDI
+  device it asks for is not defined on the node, ``core.cdi``) is left as it is: it is
+  neither desired nor removed, since what it runs may still work and the node cannot make a
+  new one;
 * a container without the managed label is never acted on. If it holds the name a desired
   container needs, the plan records a ``Conflict`` instead of actions for that runtime, and
   ``ContainerPlan.empty`` is false. The apply layer refuses a plan with conflicts before changing
@@ -193,6 +197,7 @@ def plan_containers(
     observed: Sequence[ObservedContainer],
     *,
     notify_runtimes: frozenset[str] = frozenset(),
+    keep: frozenset[str] = frozenset(),
 ) -> ContainerPlan:
     """What to do so that ``observed`` becomes ``desired`` (module docstring: rules, order)."""
     names = [spec.name for spec in desired]
@@ -211,7 +216,7 @@ def plan_containers(
 
     wanted = set(names)
     for container in sorted(observed, key=lambda c: c.name):
-        if container.managed and container.name not in wanted:
+        if container.managed and container.name not in wanted and container.name not in keep:
             actions.append(
                 Action(
                     kind="remove",

@@ -1,6 +1,8 @@
 """What the runtime is told (docs/contract.md §2): the files under ``runtime/``, computed purely.
 
 Pure: a snapshot and the node's own facts (network, VRAM, opt-outs) in, file contents out.
+The VRAM figure is ``core.gpus.GpuFacts.vram_mib``: discovered through NVML (the largest
+single GPU) or the operator's ``vram_mib`` setting; ``None`` meets no VRAM floor.
 Writing them is the apply layer's job. Job parameters are deliberately not part of any
 container's spec hash: a change here rewrites ``jobs.json`` and notifies the runtime instead of
 replacing its container.
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reconciler.core.documents import Snapshot
+from reconciler.core.gpus import GpuFacts
 
 __all__ = ["ParticipationView", "participation", "runtime_files"]
 
@@ -23,6 +26,7 @@ class ParticipationView:
     modes: tuple[str, ...]
     subclouds: tuple[str, ...]  # ids this node takes part in
     excluded: tuple[tuple[str, str], ...]  # (id, why) for enabled subclouds left out
+    for_vram: tuple[str, ...] = ()  # the excluded ids left out because of VRAM alone
 
 
 def participation(
@@ -31,6 +35,7 @@ def participation(
     models = {m.id: m for m in snapshot.models}
     joined: list[str] = []
     excluded: list[tuple[str, str]] = []
+    for_vram: list[str] = []
     node_vram = vram_mib if vram_mib is not None else 0
     for sub in snapshot.participation.subclouds:
         if not sub.enabled:
@@ -40,18 +45,25 @@ def participation(
             continue
         if sub.min_vram_mib is not None and sub.min_vram_mib > node_vram:
             excluded.append((sub.id, f"needs {sub.min_vram_mib} MiB of VRAM, node has {node_vram}"))
+            for_vram.append(sub.id)
             continue
-        unmet = [
+        absent = [mid for mid in sub.models if mid not in models]
+        too_big = [
             mid
             for mid in sub.models
-            if mid not in models or (models[mid].min_vram_mib or 0) > node_vram
+            if mid in models and (models[mid].min_vram_mib or 0) > node_vram
         ]
-        if unmet:
-            excluded.append((sub.id, f"cannot serve {', '.join(unmet)}"))
+        if absent or too_big:
+            vram = f" (VRAM: node has {node_vram} MiB)" if too_big else ""
+            excluded.append((sub.id, f"cannot serve {', '.join(absent + too_big)}{vram}"))
+            if not absent:
+                for_vram.append(sub.id)
             continue
         joined.append(sub.id)
     modes = tuple(m for m in snapshot.participation.modes if m == snapshot.network)
-    return ParticipationView(modes=modes, subclouds=tuple(joined), excluded=tuple(excluded))
+    return ParticipationView(
+        modes=modes, subclouds=tuple(joined), excluded=tuple(excluded), for_vram=tuple(for_vram)
+    )
 
 
 def _dump(obj: Any) -> bytes:
@@ -59,21 +71,32 @@ def _dump(obj: Any) -> bytes:
 
 
 def runtime_files(
-    snapshot: Snapshot, *, config_digest: str, view: ParticipationView
+    snapshot: Snapshot,
+    *,
+    config_digest: str,
+    view: ParticipationView,
+    gpus: GpuFacts | None = None,
 ) -> dict[str, bytes]:
-    """File name (under ``runtime/``) → contents. ``jobs.json`` is what ``notify`` is about."""
+    """File name (under ``runtime/``) → contents. ``jobs.json`` is what ``notify`` is about.
+
+    ``participation.json`` also carries the GPU facts the decision used (``gpus``), so that a
+    runtime sees why it was given the subclouds it was."""
     jobs = {
         "max_tokens": snapshot.jobs.max_tokens,
         "max_queue": snapshot.jobs.max_queue,
         "timeout_s": snapshot.jobs.timeout_s,
         "heartbeat_s": snapshot.ttl.heartbeat_s,
     }
-    part = {
+    part: dict[str, Any] = {
         "network": snapshot.network,
         "modes": list(view.modes),
         "subclouds": list(view.subclouds),
         "excluded": [{"id": i, "why": w} for i, w in view.excluded],
+        "excluded_for_vram": list(view.for_vram),
     }
+    if gpus is not None:
+        # Without the note: a changing "why none" is not worth notifying a runtime about.
+        part["gpus"] = {k: v for k, v in gpus.to_json().items() if k != "note"}
     models = [
         {
             "id": m.id,

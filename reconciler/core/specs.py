@@ -20,7 +20,9 @@ never retried).
 The spec hash covers every field of the normalised definition (image, command, env, mounts,
 devices, ports, network, restart policy, health, update, notify) plus a format version, and
 nothing else: job parameters and the config digest are deliberately left out, so a snapshot that
-only changes ``jobs`` (or nothing a container sees) never replaces a container.
+only changes ``jobs`` (or nothing a container sees) never replaces a container. A runtime with
+devices also has its GPU fingerprint in it (``core.gpus``: the node's GPU facts and the CDI
+specs defining its devices), so a driver update or a regenerated spec replaces its container.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import hashlib
 import json
 import posixpath
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from reconciler.core.documents import HealthCheck, PortMapping, RuntimeSpec, Snapshot
@@ -129,11 +131,14 @@ class ContainerSpec:
     update: UpdateStrategy
     notify: str  # "restart" | "signal:HUP" | "signal:USR1" | "signal:USR2"
     config_digest: str  # recorded in a label only; not part of the spec hash
+    # core.gpus.gpu_fingerprint of the node's GPU facts and the CDI specs defining ``devices``
+    # (runtimes with devices only): a new driver or a regenerated spec replaces the container.
+    gpu_fingerprint: str | None = None
 
     def definition(self) -> dict[str, Any]:
         """The normalised definition the spec hash is taken of (JSON-ready, key order free)."""
         health = self.health
-        return {
+        out: dict[str, Any] = {
             "format": _SPEC_FORMAT,
             "name": self.name,
             "runtime": self.runtime,
@@ -161,6 +166,10 @@ class ContainerSpec:
             "update": self.update,
             "notify": self.notify,
         }
+        # Only present when set, so that runtimes without devices keep the hash they had.
+        if self.gpu_fingerprint is not None:
+            out["gpu"] = self.gpu_fingerprint
+        return out
 
     @property
     def spec_hash(self) -> str:
@@ -185,9 +194,16 @@ def container_name(runtime: str) -> str:
 
 
 def container_specs(
-    snapshot: Snapshot, *, config_digest: str, paths: NodePaths
+    snapshot: Snapshot,
+    *,
+    config_digest: str,
+    paths: NodePaths,
+    fingerprints: Mapping[str, str] | None = None,
 ) -> list[ContainerSpec]:
     """The containers ``snapshot`` asks for, sorted by runtime name.
+
+    ``fingerprints`` (runtime → GPU fingerprint, ``core.cdi.admit_devices``) go into the spec
+    of the runtimes with devices that they name.
 
     Raises ``UnsafeSpecError`` for a runtime that would reach outside the node's model and
     runtime folders or otherwise past what a runtime may have, ``SettingsError`` if the state
@@ -200,10 +216,12 @@ def container_specs(
     if not posixpath.isabs(state_dir):
         raise SettingsError(f"state_dir must be an absolute path, not {state_dir!r}")
     roots = (_normal(str(paths.models)), _normal(str(paths.runtime)))
+    prints = fingerprints or {}
     specs = [
         _spec(runtime, config_digest=config_digest, paths=paths, roots=roots)
         for runtime in snapshot.runtimes
     ]
+    specs = [replace(s, gpu_fingerprint=prints.get(s.runtime)) if s.devices else s for s in specs]
     return sorted(specs, key=lambda s: s.runtime)
 
 

@@ -18,6 +18,7 @@ from reconciler.history.node import Node
 from reconciler.models.layout import StoreLayout
 from reconciler.models.mirrors import read_mirror_totals
 from reconciler.report.deliveries import read_deliveries
+from reconciler.report.host_view import gpu_metrics
 from reconciler.report.metrics import Metric, write_metrics
 
 __all__ = ["node_metrics", "write_node_metrics"]
@@ -49,6 +50,7 @@ def node_metrics(
         *_report_metrics(node),
         *_mirror_metrics(node),
         *_rollout_metrics(node.state, now=now),
+        *gpu_metrics(node),
         Metric(
             "reconciler_model_bytes_installed",
             "Bytes of model blobs on disk.",

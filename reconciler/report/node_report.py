@@ -22,6 +22,7 @@ from reconciler.core.nodereport import MAX_REPORT_BYTES, report_base, report_obj
 from reconciler.core.rollout import Position, RolloutWait
 from reconciler.disk.keys import read_private_key
 from reconciler.history.node import Node
+from reconciler.report.host_view import report_gpus
 from reconciler.report.status import status_report
 
 __all__ = ["report_payload", "report_url", "sealed_report"]
@@ -134,9 +135,8 @@ def _rollout_view(node: Node, now: float) -> dict[str, Any] | None:
 
 
 def _gpus_view(node: Node) -> dict[str, Any]:
-    """Until GPUs are detected (docs/contract.md §11) only the operator's ``vram_mib``."""
-    vram = node.settings.vram_mib
-    return {"source": "setting" if vram is not None else "none", "devices": [], "vram_mib": vram}
+    """As the last pass discovered them (docs/contract.md §11), with ``vram_mib`` applied."""
+    return report_gpus(node)
 
 
 def _containers_seen(node: Node, head_commit: str | None) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from reconciler.core.record import NodeState
 from reconciler.core.rollout import RolloutWait
 from reconciler.history.node import Node
 from reconciler.report.deliveries import read_deliveries
+from reconciler.report.host_view import format_host_lines, host_view
 
 __all__ = ["format_log", "format_status", "status_report"]
 
@@ -77,6 +78,7 @@ def status_report(node: Node, *, now: float | None = None) -> dict[str, Any]:
         "agent": _agent_view(node, head_oid if head and head["digest"] else None),
         "counters": dict(state.counters),
         "report": _report_view(node),
+        **host_view(node),  # gpus, cdi, held, participation (docs/contract.md §11)
     }
 
 
@@ -208,6 +210,7 @@ def format_status(report: dict[str, Any]) -> str:
     for model in report["models"]:
         reason = f"  {model['reason']}" if model.get("reason") else ""
         lines.append(f"model       {model['id']:<40} {model['state']}{reason}")
+    lines += format_host_lines(report)
     agent = report["agent"]
     if agent["update_available"]:
         ran = agent.get("update_hook")
