@@ -20,7 +20,7 @@ from reconciler.apply.crash import die_at
 from reconciler.config.settings import Settings
 from reconciler.core.containerplan import ContainerPlan, ObservedContainer
 from reconciler.core.documents import ModelSpec
-from reconciler.core.errors import DownloadError
+from reconciler.core.errors import DownloadError, SettingsError
 from reconciler.core.specs import ContainerSpec
 from reconciler.history.node import Node
 from reconciler.models.limits import DownloadLimits
@@ -136,10 +136,17 @@ class StoreEdge:
             return
         # Imported here: the HTTP client and the progress bar are only needed to download.
         from reconciler.models.download import new_client
+        from reconciler.models.mirror_auth import load_mirror_auth
         from reconciler.models.progress import ProgressReporter
 
         settings = self._settings
-        with new_client() as client:
+        try:
+            auth = load_mirror_auth(settings.mirror_auth_file)
+        except SettingsError as exc:
+            # As for registry_auth_file: the pass that needs it fails (and is retried),
+            # the settings stay loadable.
+            raise DownloadError(f"model downloads: {exc.one_line()}") from exc
+        with new_client(auth=auth) as client:
             self._store.ensure(
                 models,
                 client=client,

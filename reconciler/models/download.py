@@ -43,6 +43,7 @@ from reconciler.core.errors import DiskSpaceError, DownloadError, HashMismatchEr
 from reconciler.disk.atomic import is_disk_full
 from reconciler.models.layout import digest_hex
 from reconciler.models.limits import ConnectionBudget, DownloadLimits
+from reconciler.models.mirror_auth import MirrorAuth
 from reconciler.models.mirrors import Mirror, MirrorBoard, mirror_tally
 from reconciler.models.partial import discard, record_path
 from reconciler.models.segmented import (
@@ -51,7 +52,14 @@ from reconciler.models.segmented import (
     SegmentedDownload,
     WrongBytesError,
 )
-from reconciler.models.wire import content_length, content_range, describe, redact, timeout_kind
+from reconciler.models.wire import (
+    content_length,
+    content_range,
+    describe,
+    redact,
+    status_text,
+    timeout_kind,
+)
 
 __all__ = [
     "CHUNK_BYTES",
@@ -74,9 +82,14 @@ def new_client(
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     max_connections: int = 64,
+    auth: MirrorAuth | None = None,
 ) -> httpx.Client:
-    """An httpx client suited to mirrors: redirects followed (bounded), identity encoding."""
+    """An httpx client suited to mirrors: redirects followed (bounded), identity encoding;
+    ``auth`` (``mirror_auth_file``) adds credentials where ``mirror_auth`` allows them."""
+    auth = auth or MirrorAuth((), source=None)
     return httpx.Client(
+        auth=auth,
+        event_hooks={"request": [auth.guard]},
         timeout=httpx.Timeout(connect_timeout_s, read=read_timeout_s),
         follow_redirects=True,
         max_redirects=10,
@@ -614,7 +627,7 @@ class _MirrorAttempt:
             self.report(-offset)
             partial.restart()
             raise _MirrorError(f"range from byte {offset} not satisfiable; starting over")
-        raise _MirrorError(f"HTTP {status}")
+        raise _MirrorError(status_text(response))
 
     def _receive(self, response: httpx.Response, partial: _Partial) -> None:
         # iter_raw() without a chunk size yields each network read as it arrives, so the
