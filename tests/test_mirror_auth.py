@@ -23,7 +23,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -447,15 +446,18 @@ def test_segments_and_a_resume_send_the_token_on_every_request_beside_a_plain_mi
     auth = load_mirror_auth(no_leaks.auth_file({f"127.0.0.1:{gate.port}": {"token": TOKEN}}))
     urls = (gate.url + "org/big.bin", file_server.url_for("plain/big.bin"))
     partial = tmp_path / "partial" / "big"
-    half = threading.Event()
+    # Every request of the first attempt stalls after 100 kB, so it cannot finish before
+    # it is stopped; the resume gets the servers back in order.
+    for server, path in ((cdn, "/org/big.bin"), (file_server, "/plain/big.bin")):
+        server.faults.set(path, Fault(stall_after=100_000))
 
-    def stop_half_way() -> bool:
-        if cdn.stats.total_body_bytes() + file_server.stats.total_body_bytes() > 2 * MIB:
-            half.set()
-        return half.is_set()
+    def some_arrived() -> bool:
+        return cdn.stats.total_body_bytes() + file_server.stats.total_body_bytes() >= 200_000
 
     with pytest.raises(DownloadError, match="cancelled"):
-        fetch(auth, data, partial, *urls, limits=SEGMENTED, should_stop=stop_half_way)
+        fetch(auth, data, partial, *urls, limits=SEGMENTED, should_stop=some_arrived)
+    cdn.faults.clear()
+    file_server.faults.clear()
     assert record_path(partial).exists()
     first_round = len(gate.seen)
     fetch(auth, data, partial, *urls, limits=SEGMENTED)
