@@ -576,3 +576,19 @@ def test_an_auth_file_others_may_read_or_write_is_refused_before_anything_is_sen
     line = no_leaks.saw(caught.value.one_line())
     assert line.startswith(f"mirror_auth_file {path}") or str(path) in line, line
     assert gate.seen == [] and not (tmp_path / "p").exists()
+
+
+def test_a_refusing_mirror_is_not_asked_again_for_the_file_while_another_makes_progress(
+    gate: TokenGate, file_server: FileServer, no_leaks: Leaks, tmp_path: Path
+) -> None:
+    data = os.urandom(600_000)
+    file_server.write("plain/m.bin", data)
+    # The plain mirror cuts its first answer: one more round over the mirrors is needed.
+    file_server.faults.set("/plain/m.bin", Fault(cut_after=250_000, times=1))
+    auth = load_mirror_auth(no_leaks.auth_file({f"127.0.0.1:{gate.port}": {"token": WRONG_TOKEN}}))
+
+    fetch(auth, data, tmp_path / "p", gate.url + "org/m.bin", file_server.url_for("plain/m.bin"))
+
+    assert (tmp_path / "p").read_bytes() == data
+    assert file_server.stats.requests("/plain/m.bin") == 2
+    assert len(gate.seen) == 1

@@ -459,9 +459,10 @@ def _from_mirrors(
 ) -> str | None:
     """Try the mirrors, in rounds while progress is made. The last content mismatch, or None."""
     mismatch: str | None = None
+    refused: set[str] = set()  # answered 401/403: not asked again for this file
     for _round in range(MAX_ROUNDS):
         progressed = False
-        for written in urls:
+        for written in (u for u in urls if u not in refused):
             if attempt.expired():
                 failures.append(f"deadline of the download passed ({attempt.deadline_text()})")
                 return mismatch
@@ -482,6 +483,8 @@ def _from_mirrors(
                 continue
             except _MirrorError as exc:
                 failures.append(f"{shown}: {exc}")
+                if isinstance(exc, _RefusedError):
+                    refused.add(written)
                 if time.monotonic() >= attempt.stop_at:
                     return mismatch  # the reason above already says so
                 progressed = progressed or partial.length > before
@@ -504,6 +507,10 @@ class _MirrorError(Exception):
 
 class _CancelledError(Exception):
     """The caller asked every download to stop (another one found the disk full, SIGTERM)."""
+
+
+class _RefusedError(_MirrorError):
+    """401 or 403: the mirror wants other credentials; asking again will not change that."""
 
 
 class _ContentMismatchError(_MirrorError):
@@ -627,7 +634,7 @@ class _MirrorAttempt:
             self.report(-offset)
             partial.restart()
             raise _MirrorError(f"range from byte {offset} not satisfiable; starting over")
-        raise _MirrorError(status_text(response))
+        raise (_RefusedError if status in (401, 403) else _MirrorError)(status_text(response))
 
     def _receive(self, response: httpx.Response, partial: _Partial) -> None:
         # iter_raw() without a chunk size yields each network read as it arrives, so the
