@@ -543,6 +543,8 @@ def test_once_installs_a_gated_model_once_the_operator_adds_the_entries(
     (line,) = missing.stdout.splitlines()
     assert "credentials missing (no entry for 127.0.0.1:" in line, line
     assert "failed verification" not in line
+    (shown,) = [m for m in status_missing["models"] if m["id"] == "tiny:v1"]
+    assert shown["state"] == "Pending" and "credentials missing" in shown["reason"], shown
     assert "credentials missing" in status_missing["last_error"]["message"]
     assert status_missing["quarantined"] == [] and not status_missing["converged"]
     assert done.exit_code == 0 and "converged on serial" in done.stdout, done.stdout
