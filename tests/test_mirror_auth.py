@@ -438,12 +438,25 @@ def test_an_entry_for_another_host_or_port_sends_nothing(
 
 
 def test_segments_and_a_resume_send_the_token_on_every_request_beside_a_plain_mirror(
-    gate: TokenGate, cdn: FileServer, file_server: FileServer, no_leaks: Leaks, tmp_path: Path
+    gate: TokenGate,
+    cdn: FileServer,
+    file_server: FileServer,
+    basic_nginx: NginxOrigin,
+    no_leaks: Leaks,
+    tmp_path: Path,
 ) -> None:
     data = os.urandom(8 * MIB + 4321)
     cdn.write("org/big.bin", data)
     file_server.write("plain/big.bin", data)
-    auth = load_mirror_auth(no_leaks.auth_file({f"127.0.0.1:{gate.port}": {"token": TOKEN}}))
+    (basic_nginx.root / "big.bin").write_bytes(data)
+    auth = load_mirror_auth(
+        no_leaks.auth_file(
+            {
+                f"127.0.0.1:{gate.port}": {"token": TOKEN},
+                f"127.0.0.1:{basic_nginx.port}": {"auth": basic(USER, PASSWORD)},
+            }
+        )
+    )
     urls = (gate.url + "org/big.bin", file_server.url_for("plain/big.bin"))
     partial = tmp_path / "partial" / "big"
     # Every request of the first attempt stalls after 100 kB, so it cannot finish before
@@ -460,7 +473,8 @@ def test_segments_and_a_resume_send_the_token_on_every_request_beside_a_plain_mi
     file_server.faults.clear()
     assert record_path(partial).exists()
     first_round = len(gate.seen)
-    fetch(auth, data, partial, *urls, limits=SEGMENTED)
+    # The resume also has the basic-auth cache: two mirrors with credentials at once.
+    fetch(auth, data, partial, *urls, basic_nginx.url + "big.bin", limits=SEGMENTED)
 
     assert partial.read_bytes() == data
     at_gate = [h for _p, h in gate.seen]
@@ -471,6 +485,27 @@ def test_segments_and_a_resume_send_the_token_on_every_request_beside_a_plain_mi
     assert len(at_cdn) == len(at_gate) and authorizations(at_cdn) == [None] * len(at_cdn)
     plain = file_server.stats.headers("/plain/big.bin")
     assert plain and authorizations(plain) == [None] * len(plain)  # the plain mirror was used
+    at_cache = [status for status, _sent, _range in basic_nginx.requests()]
+    assert at_cache and set(at_cache) == {206}, at_cache  # every range let in
+
+
+def test_local_mirrors_take_entries_like_any_mirror_and_file_mirrors_need_none(
+    basic_nginx: NginxOrigin, no_leaks: Leaks, tmp_path: Path
+) -> None:
+    data = os.urandom(40_000)
+    blob = basic_nginx.root / "lan" / "blobs" / "sha256" / sha256(data).removeprefix("sha256:")
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    local = DownloadLimits(local_mirrors=(basic_nginx.url + "lan",))
+    cache = f"127.0.0.1:{basic_nginx.port}/lan"
+    auth = load_mirror_auth(no_leaks.auth_file({cache: {"auth": basic(USER, PASSWORD)}}))
+
+    fetch(auth, data, tmp_path / "from-lan", "http://127.0.0.1:1/unreachable", limits=local)
+    fetch(auth, data, tmp_path / "from-file", blob.as_uri())
+
+    assert (tmp_path / "from-lan").read_bytes() == data
+    assert (tmp_path / "from-file").read_bytes() == data
+    assert [status for status, _sent, _range in basic_nginx.requests()] == [200]
 
 
 # --------------------------------------------------------------- the operator's view
