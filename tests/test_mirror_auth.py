@@ -294,6 +294,8 @@ def test_an_http_to_https_upgrade_of_the_same_host_does_not_carry_the_credential
 
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append((str(request.url), request.headers.get("authorization")))
+        if request.url.path == "/m.bin" and request.url.scheme == "http":
+            return httpx.Response(302, headers={"Location": "/renamed.bin"})  # same origin
         if request.url.scheme == "http":
             return httpx.Response(302, headers={"Location": "https://localhost/m.bin"})
         return httpx.Response(200, content=b"ok")
@@ -310,6 +312,7 @@ def test_an_http_to_https_upgrade_of_the_same_host_does_not_carry_the_credential
     assert response.status_code == 200
     assert seen == [
         ("http://localhost/m.bin", f"Bearer {TOKEN}"),
+        ("http://localhost/renamed.bin", f"Bearer {TOKEN}"),  # a hub renaming a repository
         ("https://localhost/m.bin", None),
     ]
 

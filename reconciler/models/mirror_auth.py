@@ -18,10 +18,11 @@ Rules, each enforced here rather than left to httpx's defaults:
 * credentials go only over ``https``, or over ``http`` to a loopback host (127.0.0.0/8,
   ``::1``, ``localhost``), and only to the exact host and port of their entry (no port in a
   key means the scheme's default);
-* they go on the request the download engine made, never on a request a redirect made:
-  httpx drops ``Authorization`` when a redirect leaves the origin but keeps it on an
-  ``http`` → ``https`` upgrade of the same host, so ``guard`` strips it from any request
-  whose origin is not the one it was added for;
+* they go on the request the download engine made and on redirects within its origin
+  (scheme, host and port: a hub's renamed repository), never after a redirect that leaves
+  it: httpx drops ``Authorization`` then, except on an ``http`` → ``https`` upgrade of the
+  same host, so ``guard`` strips it from any request whose origin is not the one it was
+  added for;
 * a URL's own ``user:password@`` is used as basic credentials under the same rules, when
   no entry of the file matches.
 
