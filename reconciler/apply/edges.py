@@ -20,7 +20,7 @@ from reconciler.apply.crash import die_at
 from reconciler.config.settings import Settings
 from reconciler.core.containerplan import ContainerPlan, ObservedContainer
 from reconciler.core.documents import ModelSpec
-from reconciler.core.errors import DownloadError, SettingsError
+from reconciler.core.errors import DownloadError
 from reconciler.core.specs import ContainerSpec
 from reconciler.history.node import Node
 from reconciler.models.limits import DownloadLimits
@@ -135,6 +135,7 @@ class StoreEdge:
                 )
             return
         # Imported here: the HTTP client and the progress bar are only needed to download.
+        from reconciler.core.errors import SettingsError
         from reconciler.models.download import new_client
         from reconciler.models.mirror_auth import load_mirror_auth
         from reconciler.models.progress import ProgressReporter
