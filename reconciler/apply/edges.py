@@ -170,11 +170,19 @@ class StoreEdge:
                 )
             return
         # Imported here: the HTTP client and the progress bar are only needed to download.
+        from reconciler.core.errors import SettingsError
         from reconciler.models.download import new_client
+        from reconciler.models.mirror_auth import load_mirror_auth
         from reconciler.models.progress import ProgressReporter
 
         settings = self._settings
-        with new_client() as client:
+        try:
+            auth = load_mirror_auth(settings.mirror_auth_file)
+        except SettingsError as exc:
+            # As for registry_auth_file: the pass that needs it fails (and is retried),
+            # the settings stay loadable.
+            raise DownloadError(f"model downloads: {exc.one_line()}") from exc
+        with new_client(auth=auth) as client:
             self._store.ensure(
                 models,
                 client=client,

@@ -40,6 +40,7 @@ class Settings:
     state_dir: str = "/var/lib/reconciler"
     podman_url: str | None = None  # else CONTAINER_HOST, else the rootful socket
     registry_auth_file: str | None = None
+    mirror_auth_file: str | None = None  # credentials for model mirrors (containers-auth.json)
     hooks_dir: str = "/etc/reconciler/hooks"
     hook_timeout_s: float = 300.0  # seconds before a hook's process group is killed
     keep_applied: int = 2  # applied snapshots whose model blobs survive garbage collection

@@ -43,6 +43,7 @@ from reconciler.core.errors import DiskSpaceError, DownloadError, HashMismatchEr
 from reconciler.disk.atomic import is_disk_full
 from reconciler.models.layout import digest_hex
 from reconciler.models.limits import ConnectionBudget, DownloadLimits
+from reconciler.models.mirror_auth import MirrorAuth
 from reconciler.models.mirrors import Mirror, MirrorBoard, mirror_tally
 from reconciler.models.partial import discard, record_path
 from reconciler.models.segmented import (
@@ -51,7 +52,14 @@ from reconciler.models.segmented import (
     SegmentedDownload,
     WrongBytesError,
 )
-from reconciler.models.wire import content_length, content_range, describe, redact, timeout_kind
+from reconciler.models.wire import (
+    content_length,
+    content_range,
+    describe,
+    redact,
+    status_text,
+    timeout_kind,
+)
 
 __all__ = [
     "CHUNK_BYTES",
@@ -74,9 +82,14 @@ def new_client(
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     max_connections: int = 64,
+    auth: MirrorAuth | None = None,
 ) -> httpx.Client:
-    """An httpx client suited to mirrors: redirects followed (bounded), identity encoding."""
+    """An httpx client suited to mirrors: redirects followed (bounded), identity encoding;
+    ``auth`` (``mirror_auth_file``) adds credentials where ``mirror_auth`` allows them."""
+    auth = auth or MirrorAuth((), source=None)
     return httpx.Client(
+        auth=auth,
+        event_hooks={"request": [auth.guard]},
         timeout=httpx.Timeout(connect_timeout_s, read=read_timeout_s),
         follow_redirects=True,
         max_redirects=10,
@@ -446,9 +459,10 @@ def _from_mirrors(
 ) -> str | None:
     """Try the mirrors, in rounds while progress is made. The last content mismatch, or None."""
     mismatch: str | None = None
+    refused: set[str] = set()  # answered 401/403: not asked again for this file
     for _round in range(MAX_ROUNDS):
         progressed = False
-        for written in urls:
+        for written in (u for u in urls if u not in refused):
             if attempt.expired():
                 failures.append(f"deadline of the download passed ({attempt.deadline_text()})")
                 return mismatch
@@ -469,6 +483,8 @@ def _from_mirrors(
                 continue
             except _MirrorError as exc:
                 failures.append(f"{shown}: {exc}")
+                if isinstance(exc, _RefusedError):
+                    refused.add(written)
                 if time.monotonic() >= attempt.stop_at:
                     return mismatch  # the reason above already says so
                 progressed = progressed or partial.length > before
@@ -491,6 +507,10 @@ class _MirrorError(Exception):
 
 class _CancelledError(Exception):
     """The caller asked every download to stop (another one found the disk full, SIGTERM)."""
+
+
+class _RefusedError(_MirrorError):
+    """401 or 403: the mirror wants other credentials; asking again will not change that."""
 
 
 class _ContentMismatchError(_MirrorError):
@@ -614,7 +634,7 @@ class _MirrorAttempt:
             self.report(-offset)
             partial.restart()
             raise _MirrorError(f"range from byte {offset} not satisfiable; starting over")
-        raise _MirrorError(f"HTTP {status}")
+        raise (_RefusedError if status in (401, 403) else _MirrorError)(status_text(response))
 
     def _receive(self, response: httpx.Response, partial: _Partial) -> None:
         # iter_raw() without a chunk size yields each network read as it arrives, so the

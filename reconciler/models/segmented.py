@@ -49,6 +49,7 @@ from reconciler.models.wire import (
     content_length,
     content_range,
     describe,
+    status_text,
     timeout_kind,
 )
 
@@ -576,7 +577,7 @@ def _accept(response: httpx.Response, asked: tuple[int, int], *, size: int) -> N
     if status == 200:
         raise _NoRangesError
     if status != 206:
-        raise _RequestError(f"HTTP {status}", drop=status in _PERMANENT)
+        raise _RequestError(status_text(response), drop=status in _PERMANENT)
     found = content_range(response)
     if found is None:
         raise _RequestError("206 without a usable Content-Range", drop=True)

@@ -2,8 +2,9 @@
 
 Where it sits: shared by the two ways a file is downloaded (``reconciler.models.download``,
 one stream; ``reconciler.models.segmented``, byte ranges over several connections): reading
-``Content-Length`` and ``Content-Range``, naming an httpx failure in one short line, and
-showing a URL without its secrets.
+``Content-Length`` and ``Content-Range``, naming an httpx failure or a status in one short
+line (a 401/403 in the words of ``reconciler.models.mirror_auth``), and showing a URL
+without its secrets (user, password, query: presigned URLs carry their signature there).
 
 What it may not do: send anything or decide what to do with an answer.
 """
@@ -18,16 +19,29 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from reconciler.models.mirror_auth import refusal
+
 __all__ = [
     "connection_cutter",
     "content_length",
     "content_range",
     "describe",
     "redact",
+    "status_text",
     "timeout_kind",
 ]
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+# Anything that looks like an absolute URL inside an exception's text.
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
+
+
+def status_text(response: httpx.Response) -> str:
+    """A status a download cannot use, as a failure reason: ``HTTP 404``, or for 401 and
+    403 the host and whether credentials were missing or refused."""
+    if response.status_code in (401, 403):
+        return refusal(response)
+    return f"HTTP {response.status_code}"
 
 
 def content_length(response: httpx.Response) -> int | None:
@@ -78,7 +92,9 @@ def timeout_kind(exc: httpx.TimeoutException) -> str:
 
 
 def describe(exc: Exception) -> str:
+    """An exception in one line of at most 200 characters, any URL in it redacted."""
     text = " ".join(str(exc).split()) or type(exc).__name__
+    text = _URL_IN_TEXT.sub(lambda found: redact(found.group(0)), text)
     return f"{type(exc).__name__}: {text}"[:200]
 
 
@@ -86,9 +102,11 @@ def redact(url: str) -> str:
     """A URL fit for logs: no credentials, no query (presigned URLs carry secrets there)."""
     try:
         parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"  # an IPv6 address: urlsplit gave it without its brackets
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
     except ValueError:
         return "<unparsable URL>"
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
