@@ -263,6 +263,17 @@ def test_state_files_and_registry_credentials_someone_else_could_write_are_exit_
     assert outcome.exit_code == 2
     assert outcome.error_line == f"node record {record} is writable by group and others"
     record.chmod(0o644)
+    elsewhere = tmp_path / "record-elsewhere.json"  # a symlink is judged by its target
+    os.link(record, elsewhere)
+    record.unlink()
+    record.symlink_to(elsewhere)
+    elsewhere.chmod(0o646)
+    outcome = node.run("status")
+    assert outcome.exit_code == 2
+    assert outcome.error_line == f"node record {record}: file {elsewhere} is writable by others"
+    record.unlink()
+    os.link(elsewhere, record)
+    record.chmod(0o644)
 
     auth = tmp_path / "auth.json"
     auth.write_text('{"auths": {}}', encoding="utf-8")

@@ -25,14 +25,16 @@ import grp
 import os
 import pwd
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from reconciler.core.errors import SettingsError, UntrustedPathError
 
-__all__ = ["TrustedGroup", "check_trusted", "trusted_group"]
+__all__ = ["TrustedGroup", "check_trusted", "check_trusted_entries", "trusted_group"]
 
 _MAX_LINKS = 40  # as the kernel's limit on symlinks followed in one resolution
+_ANY_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 
 @dataclass(frozen=True)
@@ -67,21 +69,24 @@ def _user(uid: int) -> str:
         return f"uid {uid}"
 
 
-def _problem(st: os.stat_result, *, group: TrustedGroup | None) -> str | None:
+def _problem(st: os.stat_result, *, euid: int, group: TrustedGroup | None) -> str | None:
     """Why an entry cannot be trusted, or None."""
-    owner_ok = st.st_uid in (0, os.geteuid()) or (
+    mode = st.st_mode
+    if not mode & _ANY_WRITE and st.st_uid in (0, euid):
+        return None  # the common case, decided at once: every pass checks a few dozen entries
+    owner_ok = st.st_uid in (0, euid) or (
         group is not None and st.st_gid == group.gid and st.st_uid in group.members
     )
     if not owner_ok:
         return f"owned by {_user(st.st_uid)}"
-    if stat.S_ISLNK(st.st_mode):
+    if stat.S_ISLNK(mode):
         return None  # a symlink's own mode means nothing; its folder and target are checked
-    if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and st.st_uid == 0:
+    if stat.S_ISDIR(mode) and mode & stat.S_ISVTX and st.st_uid == 0:
         return None  # like /tmp: others may add entries, never replace one they do not own
-    group_write = bool(st.st_mode & stat.S_IWGRP)
+    group_write = bool(mode & stat.S_IWGRP)
     if group_write and group is not None and st.st_gid == group.gid:
         group_write = False
-    others_write = bool(st.st_mode & stat.S_IWOTH)
+    others_write = bool(mode & stat.S_IWOTH)
     if group_write and others_write:
         return "writable by group and others"
     if group_write:
@@ -99,33 +104,35 @@ def _kind(st: os.stat_result) -> str:
 
 @dataclass(frozen=True)
 class _Refusal:
-    entry: Path
+    entry: str
     kind: str  # folder, file, symlink
     reason: str
 
 
-def _walk(start: Path, *, group: TrustedGroup | None) -> _Refusal | bool:
-    """Resolve ``start`` (absolute) entry by entry, as the kernel does, checking each one:
-    the first refusal, else whether the path exists. Raises ``OSError`` when it cannot look."""
-    problem = _problem(os.lstat("/"), group=group)
+def _walk(start: str, *, group: TrustedGroup | None) -> _Refusal | bool:
+    """Resolve ``start`` (absolute, normalised) entry by entry, as the kernel does, checking
+    each one: the first refusal, else whether the path exists. Raises ``OSError`` when it
+    cannot look. Plain strings, not ``Path``: this runs on every pass."""
+    euid = os.geteuid()
+    problem = _problem(os.lstat("/"), euid=euid, group=group)
     if problem:
-        return _Refusal(Path("/"), "folder", problem)
-    pending = list(reversed(start.parts[1:]))
-    current = Path("/")
+        return _Refusal("/", "folder", problem)
+    pending = start.split("/")[::-1]
+    current = ""  # "" is the root: entries are current + "/" + name
     links = 0
     while pending:
         name = pending.pop()
         if name in ("", "."):
             continue
         if name == "..":
-            current = current.parent  # ``current`` is always resolved: its parent is real
+            current = current.rpartition("/")[0]  # always resolved: its parent is real
             continue
-        entry = current / name
+        entry = current + "/" + name
         try:
             st = os.lstat(entry)
         except (FileNotFoundError, NotADirectoryError):
             return False
-        problem = _problem(st, group=group)
+        problem = _problem(st, euid=euid, group=group)
         if problem:
             return _Refusal(entry, _kind(st), problem)
         if not stat.S_ISLNK(st.st_mode):
@@ -134,10 +141,10 @@ def _walk(start: Path, *, group: TrustedGroup | None) -> _Refusal | bool:
         links += 1
         if links > _MAX_LINKS:
             return _Refusal(entry, "symlink", "in a loop of symlinks")
-        target = Path(os.readlink(entry))
-        if target.is_absolute():
-            current = Path("/")
-        pending.extend(reversed(target.parts[1:] if target.is_absolute() else target.parts))
+        target = os.readlink(entry)
+        if target.startswith("/"):
+            current = ""
+        pending.extend(target.split("/")[::-1])
     return True
 
 
@@ -150,7 +157,7 @@ def check_trusted(path: Path, *, what: str, group: str | None = None) -> bool:
     are checked, and the answer is False. ``group`` names the trusted group
     (``strict_modes_group``), if any; an unknown group is a ``SettingsError``.
     """
-    start = Path(os.path.abspath(path))
+    start = os.path.abspath(path)
     try:
         verdict = _walk(start, group=trusted_group(group) if group is not None else None)
     except OSError as exc:
@@ -161,3 +168,33 @@ def check_trusted(path: Path, *, what: str, group: str | None = None) -> bool:
     if verdict.entry == start:
         raise UntrustedPathError(f"{what} {start} is {verdict.reason}")
     raise UntrustedPathError(f"{what} {start}: {verdict.kind} {verdict.entry} is {verdict.reason}")
+
+
+def check_trusted_entries(
+    folder: Path, entries: Iterable[tuple[str, str]], *, what: str, group: str | None = None
+) -> bool:
+    """``check_trusted(folder)``, then each ``(name, what)`` of ``entries`` inside it that
+    exists, with one ``lstat`` each: the folders above are the checked folder's (a symlink
+    among the entries is checked in full, its target being elsewhere). Whether the folder
+    exists; raises ``UntrustedPathError`` like ``check_trusted``."""
+    if not check_trusted(folder, what=what, group=group):
+        return False
+    found = trusted_group(group) if group is not None else None
+    euid = os.geteuid()
+    base = os.path.abspath(folder)
+    for name, entry_what in entries:
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise UntrustedPathError(f"{entry_what} {path} cannot be checked: {reason}") from None
+        if stat.S_ISLNK(st.st_mode):
+            check_trusted(Path(path), what=entry_what, group=group)
+            continue
+        problem = _problem(st, euid=euid, group=found)
+        if problem:
+            raise UntrustedPathError(f"{entry_what} {path} is {problem}")
+    return True

@@ -21,7 +21,7 @@ from reconciler.core.documents import Ttl
 from reconciler.core.errors import ReconcilerError, SettingsError
 from reconciler.core.paths import NodePaths
 from reconciler.core.record import NodeState
-from reconciler.disk.strict import check_trusted
+from reconciler.disk.strict import check_trusted_entries
 from reconciler.history.recordfile import load_node_state, save_node_state
 from reconciler.history.repo import History
 
@@ -45,9 +45,7 @@ _TRUSTED_ENTRIES = (
 
 def check_state_folder(paths: NodePaths) -> None:
     """``UntrustedPathError`` unless the state folder and its trusted entries pass strict modes."""
-    check_trusted(paths.state_dir, what="state folder")
-    for name, what in _TRUSTED_ENTRIES:
-        check_trusted(paths.state_dir / name, what=what)
+    check_trusted_entries(paths.state_dir, _TRUSTED_ENTRIES, what="state folder")
 
 
 class Node:
