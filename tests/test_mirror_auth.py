@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -233,6 +232,7 @@ def test_a_bad_file_is_one_line_naming_the_file_and_key_never_a_value(
 ) -> None:
     path = no_leaks.secrets_dir / "bad.json"
     path.write_bytes(raw)
+    path.chmod(0o600)
 
     with pytest.raises(SettingsError) as caught:
         load_mirror_auth(path)
@@ -561,6 +561,7 @@ def test_once_installs_a_gated_model_once_the_operator_adds_the_entries(
     }
 
     auth_path.write_text("{", encoding="utf-8")
+    auth_path.chmod(0o600)
     broken = no_leaks.run(node, "once", **env)
     no_leaks.auth_file({"127.0.0.1:1": {"token": TOKEN}})
     missing = no_leaks.run(node, "once", **env)
@@ -594,14 +595,8 @@ def test_once_installs_a_gated_model_once_the_operator_adds_the_entries(
     assert [s for s, _b, _r in basic_nginx.requests()][-1] == 200
 
 
-def _strict_checks_exist() -> bool:
-    return importlib.util.find_spec("reconciler.disk.strict") is not None
-
-
-# FOR THE LEAD: issue 19's permission checks (reconciler/disk/strict.py) are not in this
-# branch. Once they are merged and called from models.mirror_auth.load_mirror_auth, this
-# test runs by itself; until then it is skipped, saying so.
-@pytest.mark.skipif(not _strict_checks_exist(), reason="needs reconciler.disk.strict (issue 19)")
+# Strict modes (reconciler.disk.strict) guard this file as they guard the settings file, and
+# a file of secrets must not be readable by others either.
 @pytest.mark.parametrize("mode", [0o644, 0o660, 0o606], ids=["0644", "0660", "0606"])
 def test_an_auth_file_others_may_read_or_write_is_refused_before_anything_is_sent(
     gate: TokenGate, cdn: FileServer, no_leaks: Leaks, tmp_path: Path, mode: int

@@ -1,22 +1,39 @@
 """``reconcile init``: settings file, state folder, state repository, trusted root, node key.
 
 Edge module (files, git). Idempotent: running it again keeps the node key and the history and
-rewrites only the settings; a root for another network is refused.
+rewrites only the settings; a root for another network is refused. Strict modes: the root
+file, the settings file and the state folder are checked (``disk.strict``) before anything is
+read or written, and ``init`` gives what it owns the modes of ``core.paths`` (state folder
+0700, or 0750 for ``state_group``; ``node.key`` 0600; ``runtime/`` 0755; model blobs 0444),
+so running it again is how an operator repairs the drift ``reconcile verify`` reports.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from reconciler.config.settings import config_path, load_settings, write_settings_file
 from reconciler.core.errors import RejectedError, SettingsError
-from reconciler.core.paths import NodePaths
+from reconciler.core.paths import (
+    BLOB_MODE,
+    NODE_KEY_MODE,
+    RUNTIME_DIR_MODE,
+    RUNTIME_FILE_MODE,
+    STATE_DIR_GROUP_MODE,
+    STATE_DIR_MODE,
+    NodePaths,
+)
 from reconciler.core.trust import verify_initial_root
 from reconciler.disk.keys import generate_key
+from reconciler.disk.strict import check_trusted, trusted_group
+from reconciler.history.node import check_state_folder
 from reconciler.history.repo import History
 from reconciler.history.roots import RootChain
+from reconciler.models.layout import StoreLayout
 
 __all__ = ["InitSummary", "initialise"]
 
@@ -43,6 +60,27 @@ def _root_network(data: bytes) -> str:
     return str(network)
 
 
+def _set_modes(paths: NodePaths, *, group: str | None) -> None:
+    """The modes of ``core.paths`` on what ``init`` owns; a second ``init`` repairs drift."""
+    try:
+        if group is not None:
+            os.chown(paths.state_dir, -1, trusted_group(group, setting="state_group").gid)
+        paths.state_dir.chmod(STATE_DIR_GROUP_MODE if group is not None else STATE_DIR_MODE)
+        paths.runtime.mkdir(exist_ok=True)
+        paths.runtime.chmod(RUNTIME_DIR_MODE)
+        for path in paths.runtime.iterdir():
+            if stat.S_ISREG(path.lstat().st_mode):
+                path.chmod(RUNTIME_FILE_MODE)
+        if paths.node_key.exists():
+            paths.node_key.chmod(NODE_KEY_MODE)
+        blobs = StoreLayout.of(paths).blob_dir
+        for blob in blobs.iterdir() if blobs.is_dir() else ():
+            if stat.S_ISREG(blob.lstat().st_mode):
+                blob.chmod(BLOB_MODE)  # the inode is shared with the tree files: they follow
+    except OSError as exc:
+        raise SettingsError(f"cannot set the modes in {paths.state_dir}: {exc}") from exc
+
+
 def initialise(
     *,
     config: str | None,
@@ -51,6 +89,7 @@ def initialise(
     root_file: Path,
     network: str | None,
 ) -> tuple[Path, InitSummary]:
+    check_trusted(root_file, what="root file")
     try:
         data = root_file.read_bytes()
     except OSError as exc:
@@ -70,7 +109,9 @@ def initialise(
         root=str(root_file.resolve()),
         state_dir=str(paths.state_dir),
     )
-    paths.state_dir.mkdir(parents=True, exist_ok=True)
+    check_state_folder(paths)  # what exists already, parents included, before any change
+    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=STATE_DIR_MODE)
+    _set_modes(paths, group=settings.state_group)
     chain = RootChain(paths.state_dir / "roots", network=network)
     chain.install(data)
     History.open(paths.repo, create=True)

@@ -216,9 +216,10 @@ class HooksFolder:
 
     folder: Path
     timeout_s: float
+    group: str | None = None  # strict_modes_group: may write the hooks (disk.strict)
 
     def run(self, name: str, *, env: Mapping[str, str]) -> HookResult:
-        return run_hook(self.folder, name, env=env, timeout_s=self.timeout_s)
+        return run_hook(self.folder, name, env=env, timeout_s=self.timeout_s, group=self.group)
 
 
 def open_edge(node: Node) -> PodmanEdge:
@@ -268,7 +269,9 @@ def production_edges(node: Node) -> Iterator[Edges]:
         yield Edges(
             models=StoreEdge(ModelStore(node.paths), settings=settings),
             runtime=session,
-            hooks=HooksFolder(Path(settings.hooks_dir), settings.hook_timeout_s),
+            hooks=HooksFolder(
+                Path(settings.hooks_dir), settings.hook_timeout_s, settings.strict_modes_group
+            ),
             clock=time.time,
             crash=die_at,
         )

@@ -77,11 +77,14 @@ def hook_env(node: Node, target: ApplyTarget, *, reason: str, plan_file: Path) -
 def run_pre_apply(
     target: ApplyTarget, *, hooks: HookRunner, env: dict[str, str], attempt: AttemptLog
 ) -> None:
-    """Run ``pre-apply``; a non-zero exit or a timeout is a veto (``HookVetoError``)."""
+    """Run ``pre-apply``; a non-zero exit, a timeout or a hook that strict modes refuse to
+    run is a veto (``HookVetoError``)."""
     pre = hooks.run("pre-apply", env=env)
     attempt.hook(pre)
     if pre.ok:
         return
+    if pre.refused is not None:
+        raise HookVetoError(f"pre-apply vetoed serial {target.serial} (not run): {pre.refused}")
     said = [line for line in pre.output.splitlines() if line.strip()]
     if pre.timed_out and said:
         said.pop()  # run_hook's own "[killed after N s]"

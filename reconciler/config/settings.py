@@ -3,7 +3,9 @@
 Where it sits: first in the workflow; everything else receives a ``Settings`` value and never
 reads the environment or the file itself. Reads the TOML file and the environment, nothing
 else. A file that does not parse, or names an unknown key, is a ``SettingsError`` (exit 2)
-with one line naming the key.
+with one line naming the key. Strict modes: the settings file, and the ``registry_auth_file``
+it names, must not be writable by anyone but root or the agent's user (``disk.strict``), else
+an ``UntrustedPathError`` (exit 2) before a byte of them is trusted.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from reconciler.core.errors import SettingsError
 from reconciler.core.schema import SchemaError, validate
 from reconciler.disk.atomic import write_atomic
+from reconciler.disk.strict import check_trusted
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -60,6 +63,9 @@ class Settings:
     fetch_timeout_s: float = 30.0  # seconds: overall deadline per origin document (addition)
     # Folders of CDI specs checked before a runtime with devices is created (§11, addition).
     cdi_spec_dirs: tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")
+    # Strict modes (disk.strict): a group whose members may write the hooks and their folder.
+    strict_modes_group: str | None = None
+    state_group: str | None = None  # may read the state folder (0750, for monitoring)
 
     @property
     def effective_podman_url(self) -> str:
@@ -86,6 +92,7 @@ def config_path(flag: str | None) -> tuple[Path, bool]:
 
 
 def _read_file(path: Path, *, required: bool) -> dict[str, Any]:
+    check_trusted(path, what="settings file")
     try:
         text = path.read_bytes()
     except FileNotFoundError:
@@ -157,6 +164,9 @@ def load_settings(
     for key in ("opt_out_subclouds", "local_mirrors", "cdi_spec_dirs"):
         if key in merged:
             merged[key] = tuple(merged[key])
+    if merged.get("registry_auth_file"):
+        # Checked again at each read (runtime.registry_auth); here so that it is exit 2 at once.
+        check_trusted(Path(merged["registry_auth_file"]), what="registry_auth_file")
     return replace(Settings(), **merged)
 
 

@@ -11,7 +11,8 @@ Errors are split by blame, which decides what the agent does next:
   quarantines the digest (docs/contract.md §5).
 * ``TransientError``: anything else during an apply (Podman, registry or mirror down, a hash
   mismatch, a full disk, a veto): nothing is quarantined, the next pass retries.
-* ``SettingsError``: bad node settings or usage (exit 2).
+* ``SettingsError``: bad node settings or usage (exit 2); ``UntrustedPathError`` is the kind
+  for a trusted file that someone else could have written (strict modes).
 
 This module imports nothing from the project and performs no I/O.
 """
@@ -34,6 +35,7 @@ __all__ = [
     "SettingsError",
     "SnapshotFaultError",
     "TransientError",
+    "UntrustedPathError",
 ]
 
 
@@ -51,6 +53,11 @@ class SettingsError(ReconcilerError):
     """Node settings or command-line usage are wrong."""
 
     exit_code = 2
+
+
+class UntrustedPathError(SettingsError):
+    """A file the agent would trust (settings, root, hook, state) could be written by someone
+    other than root or the agent's user (``disk.strict``): exit 2, or a veto for a hook."""
 
 
 class RejectedError(ReconcilerError):

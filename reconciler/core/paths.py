@@ -5,7 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["NodePaths"]
+__all__ = [
+    "BLOB_MODE",
+    "NODE_KEY_MODE",
+    "RUNTIME_DIR_MODE",
+    "RUNTIME_FILE_MODE",
+    "STATE_DIR_GROUP_MODE",
+    "STATE_DIR_MODE",
+    "NodePaths",
+]
+
+# The modes the agent gives what it writes (docs/security.md); `init` sets them and
+# `verify` reports drift from them.
+STATE_DIR_MODE = 0o700  # nobody but the agent reads the node's state ...
+STATE_DIR_GROUP_MODE = 0o750  # ... or, with the `state_group` setting, that group reads it
+NODE_KEY_MODE = 0o600
+RUNTIME_DIR_MODE = 0o755  # runtime containers read it (mounted read-only); only the agent writes
+RUNTIME_FILE_MODE = 0o644  # as disk.atomic writes them
+BLOB_MODE = 0o444  # a runtime's bug cannot corrupt a blob through its read-only mount
 
 
 @dataclass(frozen=True)

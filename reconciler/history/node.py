@@ -2,7 +2,12 @@
 
 Edge module (files, git). Commands build a ``Node`` once and pass it down; nothing below the
 CLI reads settings or the environment on its own. The record changes only through the
-transitions of ``core.record``: callers compute the new record and ``save`` it.
+transitions of ``core.record``: callers compute the new record and ``save`` it. Strict modes
+(``disk.strict``): the state folder, every folder above it and the entries the agent trusts
+directly in it are checked when the ``Node`` is built and at each ``reload`` (a few dozen
+``lstat`` calls, no walk of the tree), so nothing is read that another user could have
+written; what lies deeper is guarded by those folders' modes, and ``reconcile verify``
+reports drift from the modes the agent writes.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from reconciler.core.documents import Ttl
 from reconciler.core.errors import ReconcilerError, SettingsError
 from reconciler.core.paths import NodePaths
 from reconciler.core.record import NodeState
+from reconciler.disk.strict import check_trusted_entries
 from reconciler.history.recordfile import load_node_state, save_node_state
 from reconciler.history.repo import History
 
@@ -24,7 +30,22 @@ if TYPE_CHECKING:
     from reconciler.history.repo import CommitInfo
     from reconciler.history.roots import RootChain
 
-__all__ = ["Node"]
+__all__ = ["Node", "check_state_folder"]
+
+# The state folder's entries the agent trusts by reading them, and what a refusal calls them.
+_TRUSTED_ENTRIES = (
+    ("node-state.json", "node record"),
+    ("roots", "trusted roots folder"),
+    ("snapshots", "state repository"),
+    ("node.key", "node key"),
+    ("models", "model store"),
+    ("runtime", "runtime folder"),
+)
+
+
+def check_state_folder(paths: NodePaths) -> None:
+    """``UntrustedPathError`` unless the state folder and its trusted entries pass strict modes."""
+    check_trusted_entries(paths.state_dir, _TRUSTED_ENTRIES, what="state folder")
 
 
 class Node:
@@ -36,6 +57,7 @@ class Node:
         self.paths = NodePaths(Path(settings.state_dir))
         self._history: History | None = None
         self._roots: RootChain | None = None
+        check_state_folder(self.paths)
         self.state: NodeState = load_node_state(self.paths.node_state)
 
     @property
@@ -59,6 +81,7 @@ class Node:
 
     def reload(self) -> None:
         """Re-read the record (another command may have changed it between two cycles)."""
+        check_state_folder(self.paths)
         self.state = load_node_state(self.paths.node_state)
 
     def head_ttl(self) -> Ttl | None:

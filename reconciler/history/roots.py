@@ -3,7 +3,9 @@
 Edge module (files). Root 1 (or whichever the operator installed) is trusted by fiat; each
 later file is re-checked against its predecessor whenever the chain is loaded, so a root
 file edited on disk is noticed. Commits are re-verified against the root version their
-``Root-Version`` trailer names, so every root ever accepted is kept.
+``Root-Version`` trailer names, so every root ever accepted is kept. Strict modes: each root
+file is checked (``disk.strict``) before it is read, so a root that another user could have
+written is refused (``UntrustedPathError``, exit 2) rather than trusted.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from reconciler.core.errors import HistoryError, RejectedError
 from reconciler.core.trust import VerifiedRoot, verify_initial_root, verify_next_root
 from reconciler.disk.atomic import write_atomic
+from reconciler.disk.strict import check_trusted
 
 __all__ = ["RootChain"]
 
@@ -38,9 +41,7 @@ class RootChain:
             raise HistoryError(f"no trusted root in {self.folder} (run `reconcile init`)")
         chain: dict[int, VerifiedRoot] = {}
         try:
-            first = verify_initial_root(
-                (self.folder / f"{versions[0]}.json").read_bytes(), network=self.network
-            )
+            first = verify_initial_root(self._read(versions[0]), network=self.network)
             chain[first.root.version] = first
             previous = first
             for version in versions[1:]:
@@ -48,13 +49,18 @@ class RootChain:
                     raise HistoryError(
                         f"trusted roots jump from {previous.root.version} to {version}"
                     )
-                data = (self.folder / f"{version}.json").read_bytes()
+                data = self._read(version)
                 previous = verify_next_root(previous.root, data, network=self.network)
                 chain[version] = previous
         except RejectedError as exc:
             raise HistoryError(f"stored trusted root is invalid: {exc}") from exc
         self._chain = chain
         return chain
+
+    def _read(self, version: int) -> bytes:
+        path = self.folder / f"{version}.json"
+        check_trusted(path, what="trusted root")
+        return path.read_bytes()
 
     def newest(self) -> VerifiedRoot:
         chain = self._load()

@@ -36,6 +36,7 @@ import base64
 import binascii
 import ipaddress
 import json
+import stat
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from reconciler.core.errors import SettingsError
+from reconciler.disk.strict import check_trusted
 
 __all__ = [
     "MirrorAuth",
@@ -181,6 +183,8 @@ def load_mirror_auth(path: str | Path | None) -> MirrorAuth:
     if path is None or str(path) == "":
         return MirrorAuth((), source=None)
     where = f"mirror_auth_file {path}"
+    check_trusted(Path(path), what="mirror_auth_file")  # strict modes, as for the settings file
+    _refuse_if_others_read(Path(path), where=where)
     try:
         with Path(path).open("rb") as handle:
             raw = handle.read(_FILE_LIMIT + 1)
@@ -189,6 +193,16 @@ def load_mirror_auth(path: str | Path | None) -> MirrorAuth:
     if len(raw) > _FILE_LIMIT:
         raise SettingsError(f"{where} is larger than {_FILE_LIMIT} bytes")
     return MirrorAuth(parse_mirror_auth(raw, where=where), source=where)
+
+
+def _refuse_if_others_read(path: Path, *, where: str) -> None:
+    """Secrets, unlike settings, must not be readable by others either (as ssh's keys)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # the read below names what is wrong
+    if mode & stat.S_IROTH:
+        raise SettingsError(f"{where} is readable by others: make it 0600 or 0640")
 
 
 def parse_mirror_auth(raw: bytes, *, where: str) -> list[MirrorCredential]:

@@ -3,22 +3,41 @@
 Edge module (reads git, files). Every commit reachable from HEAD, ``main`` and the snapshot refs
 is re-verified against the root that accepted it (``Root-Version``), ignoring expiry and
 serial (docs/contract.md §3); every receipt against ``node.pub``; the hash of every model blob and
-installed model file (via the model store). It reports each problem; it repairs nothing.
+installed model file (via the model store); and the modes the agent gives what it writes
+(``core.paths``: state folder, ``node.key``, ``runtime/``, model blobs, the metrics file and
+the report record) with strict modes on the hooks folder. It reports each problem on its own
+line; it repairs nothing (``reconcile init`` again restores the modes).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
-from reconciler.core.errors import HistoryError, RejectedError
+from reconciler.core.errors import HistoryError, RejectedError, SettingsError
+from reconciler.core.paths import (
+    BLOB_MODE,
+    NODE_KEY_MODE,
+    RUNTIME_DIR_MODE,
+    RUNTIME_FILE_MODE,
+    STATE_DIR_GROUP_MODE,
+    STATE_DIR_MODE,
+)
+from reconciler.disk.strict import check_trusted, trusted_group
 from reconciler.history.node import Node
+
+_HOOK_NAMES = ("pre-apply", "post-apply", "agent-update")  # docs/contract.md §7
 
 __all__ = [
     "Finding",
     "VerifyReport",
     "verify_history",
     "verify_models",
+    "verify_modes",
     "verify_node",
     "verify_receipts",
 ]
@@ -122,6 +141,93 @@ def verify_models(node: Node) -> tuple[int, list[Finding]]:
     return store.files_hashed, [Finding(f"model file {b.path}", b.reason) for b in bad]
 
 
+def _mode_problem(st: os.stat_result, *, expected: int) -> str | None:
+    mode = stat.S_IMODE(st.st_mode)
+    return None if mode == expected else f"mode {mode:04o}, expected {expected:04o}"
+
+
+def _state_dir_findings(node: Node) -> Iterator[Finding]:
+    folder = node.paths.state_dir
+    group = node.settings.state_group
+    expected = STATE_DIR_GROUP_MODE if group is not None else STATE_DIR_MODE
+    st = folder.stat()
+    problem = _mode_problem(st, expected=expected)
+    if problem:
+        yield Finding(f"state folder {folder}", problem)
+    if group is not None:
+        try:
+            gid = trusted_group(group, setting="state_group").gid
+        except SettingsError as exc:
+            yield Finding(f"state folder {folder}", exc.one_line())
+            return
+        if st.st_gid != gid:
+            yield Finding(f"state folder {folder}", f"group is gid {st.st_gid}, not {group}")
+    if node.paths.node_key.exists():
+        problem = _mode_problem(node.paths.node_key.stat(), expected=NODE_KEY_MODE)
+        if problem:
+            yield Finding(f"node key {node.paths.node_key}", problem)
+
+
+def _runtime_findings(node: Node) -> Iterator[Finding]:
+    """``runtime/``: readable by the containers (others may read), writable only by the agent."""
+    folder = node.paths.runtime
+    if not folder.is_dir():
+        return
+    problem = _mode_problem(folder.stat(), expected=RUNTIME_DIR_MODE)
+    if problem:
+        yield Finding(f"runtime folder {folder}", problem)
+    for path in sorted(folder.iterdir()):
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if mode & 0o022 or not mode & stat.S_IROTH:
+            yield Finding(
+                f"runtime file {path}", f"mode {mode:04o}, expected {RUNTIME_FILE_MODE:04o}"
+            )
+
+
+def _written_findings(node: Node) -> Iterator[Finding]:
+    """The metrics file and the report record: others may read them, never write."""
+    from reconciler.report.deliveries import DELIVERY_FILE
+
+    metrics = node.settings.metrics_path
+    for what, path in (
+        ("metrics file", Path(metrics) if metrics else None),
+        ("report record", node.paths.state_dir / DELIVERY_FILE),
+    ):
+        if path is not None and path.exists() and path.stat().st_mode & stat.S_IWOTH:
+            yield Finding(f"{what} {path}", "writable by others")
+
+
+def _blob_findings(node: Node) -> Iterator[Finding]:
+    from reconciler.models.layout import StoreLayout
+
+    blobs = StoreLayout.of(node.paths).blob_dir
+    for path in sorted(blobs.iterdir()) if blobs.is_dir() else ():
+        st = path.lstat()
+        if stat.S_ISREG(st.st_mode):
+            problem = _mode_problem(st, expected=BLOB_MODE)
+            if problem:
+                yield Finding(f"model blob {path.name[:12]}", problem)
+
+
+def verify_modes(node: Node) -> list[Finding]:
+    """Drift from the modes the agent writes, and a hooks folder that strict modes refuse."""
+    findings: list[Finding] = []
+    try:
+        for check in (_state_dir_findings, _runtime_findings, _written_findings, _blob_findings):
+            findings.extend(check(node))
+    except OSError as exc:
+        findings.append(Finding("modes", f"cannot check: {exc}"))
+    hooks = Path(node.settings.hooks_dir)
+    group = node.settings.strict_modes_group
+    try:
+        check_trusted(hooks, what="hooks folder", group=group)
+        for name in _HOOK_NAMES:
+            check_trusted(hooks / name, what="hook", group=group)
+    except SettingsError as exc:
+        findings.append(Finding("hooks", exc.one_line()))
+    return findings
+
+
 @dataclass(frozen=True)
 class VerifyReport:
     findings: list[Finding]
@@ -134,6 +240,7 @@ def verify_node(node: Node) -> VerifyReport:
     findings.extend(receipt_findings)
     model_files, model_findings = verify_models(node)
     findings.extend(model_findings)
+    findings.extend(verify_modes(node))
     summary = f"checked {commits} commit(s), {receipts} receipt(s)"
     summary += f", {model_files} model file(s): " if model_files else ": "
     summary += f"{len(findings)} problem(s)" if findings else "all good"

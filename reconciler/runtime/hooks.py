@@ -7,11 +7,17 @@ output pipe open); its combined output is captured up to ``OUTPUT_CAP`` bytes fo
 receipt. The environment is the agent's own plus the ``RECONCILE_*`` variables, whose values
 the agent computes itself (digests, serial, reason, paths): nothing from the snapshot's
 free-form fields reaches a hook's environment.
+
+Strict modes (``disk.strict``): a hook that exists is checked, with its folder and every
+folder above, before it runs; one that someone other than root or the agent's user could
+have written is not run, and its ``HookResult`` carries the one-line reason (``refused``),
+which ``pre-apply`` turns into a veto.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import signal
@@ -21,9 +27,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from reconciler.core.errors import SettingsError
+from reconciler.disk.strict import check_trusted
+
 __all__ = ["OUTPUT_CAP", "HookResult", "run_hook"]
 
 OUTPUT_CAP = 64 * 1024  # bytes of hook output kept for the receipt
+
+_log = logging.getLogger("reconciler.hooks")
 
 
 @dataclass(frozen=True)
@@ -34,10 +45,11 @@ class HookResult:
     output: str
     timed_out: bool = False
     duration_s: float = 0.0
+    refused: str | None = None  # why strict modes kept it from running (``disk.strict``)
 
     @property
     def ok(self) -> bool:
-        return not self.ran or self.exit_code == 0
+        return self.refused is None and (not self.ran or self.exit_code == 0)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -47,6 +59,7 @@ class HookResult:
             "timed_out": self.timed_out,
             "duration_s": round(self.duration_s, 3),
             "output": self.output,
+            **({"refused": self.refused} if self.refused is not None else {}),
         }
 
 
@@ -88,8 +101,28 @@ def _collect(process: subprocess.Popen[bytes], *, deadline: float) -> tuple[byte
     return bytes(output), False
 
 
-def run_hook(hooks_dir: Path, name: str, *, env: Mapping[str, str], timeout_s: float) -> HookResult:
-    """Run ``hooks_dir/name`` if it exists and is executable; never raises for its failure.
+def _refusal(hooks_dir: Path, path: Path, *, group: str | None) -> str | None:
+    """Why strict modes forbid running ``path``, or None (the folder is named first, so the
+    line says ``hooks folder … is writable by group`` rather than blaming the hook)."""
+    try:
+        check_trusted(hooks_dir, what="hooks folder", group=group)
+        check_trusted(path, what="hook", group=group)
+    except SettingsError as exc:
+        _log.error("%s not run: %s", path.name, exc.one_line())
+        return exc.one_line()
+    return None
+
+
+def run_hook(
+    hooks_dir: Path,
+    name: str,
+    *,
+    env: Mapping[str, str],
+    timeout_s: float,
+    group: str | None = None,
+) -> HookResult:
+    """Run ``hooks_dir/name`` if it exists, is executable and passes strict modes (``group``:
+    the ``strict_modes_group``); never raises for its failure.
 
     The hook is its process group. It is done when its own process has exited and its output
     is closed (background children still writing to it are part of the hook). At
@@ -99,6 +132,11 @@ def run_hook(hooks_dir: Path, name: str, *, env: Mapping[str, str], timeout_s: f
     of the hook's own process (None if it was still running at the timeout).
     """
     path = hooks_dir / name
+    if not os.path.lexists(path):
+        return HookResult(name=name, ran=False, exit_code=None, output="")
+    refused = _refusal(hooks_dir, path, group=group)
+    if refused is not None:
+        return HookResult(name=name, ran=False, exit_code=None, output="", refused=refused)
     if not path.is_file() or not os.access(path, os.X_OK):
         return HookResult(name=name, ran=False, exit_code=None, output="")
     started = time.monotonic()

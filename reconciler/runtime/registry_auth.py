@@ -8,7 +8,8 @@ looked up most specific key first (``host/namespace/repo``, then ``host/namespac
 Everything here is pure except ``load_registry_auth`` (and ``registry_credentials``, which
 calls it), which reads the file. What it may not do: put a password or an ``auth`` value in a
 message, a ``repr`` or a log; talk to Podman or a registry. A file that is missing, unreadable
-or malformed is a ``SettingsError`` that names the file and what is wrong with it.
+or malformed, or that someone other than root or the agent's user could have written (strict
+modes, ``disk.strict``), is a ``SettingsError`` that names the file and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.core.errors import SettingsError
+from reconciler.disk.strict import check_trusted
 
 __all__ = [
     "RegistryCredentials",
@@ -135,6 +137,7 @@ def parse_registry_auth(raw: bytes, *, where: str) -> dict[str, Any]:
 def load_registry_auth(path: Path) -> dict[str, Any]:
     """The ``auths`` object of a containers-auth.json file; ``SettingsError`` if unusable."""
     where = f"registry_auth_file {path}"
+    check_trusted(path, what="registry_auth_file")  # strict modes, as for the settings file
     try:
         with path.open("rb") as handle:
             raw = handle.read(_AUTH_FILE_LIMIT + 1)
