@@ -18,6 +18,7 @@ from reconciler.core.record import NodeState
 from reconciler.core.rollout import RolloutWait
 from reconciler.history.node import Node
 from reconciler.report.deliveries import read_deliveries
+from reconciler.selfupdate.view import agent_release_line, agent_releases_view
 
 __all__ = ["format_log", "format_status", "status_report"]
 
@@ -146,6 +147,7 @@ def _agent_view(node: Node, head_oid: str | None) -> dict[str, Any]:
         "update_available": bool(approved and approved != __version__),
         # The last run of the agent-update hook: {version, digest, exit_code, at} or None.
         "update_hook": node.state.agent_update,
+        **agent_releases_view(node.paths.state_dir, self_update=node.settings.self_update),
     }
 
 
@@ -217,6 +219,8 @@ def format_status(report: dict[str, Any]) -> str:
             else ""
         )
         lines.append(f"agent       {agent['running']} running, {agent['approved']} approved{hook}")
+    if agent["selected"] or agent["previous"] or agent["failed"]:
+        lines.append(f"agent       {agent_release_line(agent)}")
     return "\n".join(lines)
 
 
