@@ -251,6 +251,15 @@ def test_release_that_never_converges_is_abandoned_for_the_base(
     assert agent["failed"][0]["digest"] == f"sha256:{stuck}"
     assert _record(node)["releases"][stuck]["starts"] == 3
 
+    # The fallback goes into the next apply's receipt (and no further one).
+    simulator.publish(body=snapshot_body(ttl=FAST_TTL))
+    renv = {k: v for k, v in env.items() if k.startswith("RECONCILER_")}
+    assert node.run("once", env=renv).exit_code == 0
+    steps = [s for r in receipts(node, node.refs()["refs/heads/main"]) for s in r["steps"]]
+    events = [s["detail"] for s in steps if s["step"] == "agent-event"]
+    assert any(e.startswith("event=abandoned version=0.4.0") for e in events), steps
+    assert any("back_to=base" in e for e in events), events
+
 
 # ---- refusals and operator control (one `once` each, in-process) -----------------------------
 
@@ -441,4 +450,14 @@ def test_release_record_transitions() -> None:
     assert record.failed(b) and not record.failed(a)
     assert AgentRecord.from_json(record.to_json()) == record
     assert is_below("0.9.1", "0.10.0") and not is_below("0.10.0", "0.9.1")
+    from reconciler.core.agentrelease import runtime_update_check
+
+    pin = "sha256:" + "c" * 64
+    updates = {"runtime": {"version": "2.0", "digest": pin}}
+    assert runtime_update_check(updates, {"llm": f"r/llm@{pin}"})["pinned_by"] == ["llm"]
+    assert (
+        "not the image"
+        in runtime_update_check(updates, {"llm": "r/llm@sha256:" + "d" * 64})["warning"]
+    )
+    assert runtime_update_check(updates, {})["warning"] is None  # no runtimes: nothing to check
     assert is_below("1.0rc1", "1.0") and not is_below("1.0", "") and not is_below("1.0", "1.0")

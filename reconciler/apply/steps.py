@@ -21,7 +21,7 @@ from reconciler.apply.attempt import AttemptLog
 from reconciler.apply.edges import Clock, CrashSeam, HookRunner, ModelsEdge, RuntimeEdge
 from reconciler.apply.nodeplan import NodePlan
 from reconciler.apply.target import ApplyTarget
-from reconciler.core.agentrelease import AgentRelease
+from reconciler.core.agentrelease import AgentRelease, runtime_update_check
 from reconciler.core.documents import Snapshot, format_time, loads_strict
 from reconciler.core.errors import HistoryError, HookVetoError, ReconcilerError, TransientError
 from reconciler.core.record import agent_update_ran, mark_applied
@@ -29,7 +29,7 @@ from reconciler.disk.atomic import write_atomic
 from reconciler.history.node import Node
 from reconciler.runtime.hooks import HookResult
 from reconciler.runtime.podman import ActionOutcome
-from reconciler.selfupdate.install import UpdateAsk, consider
+from reconciler.selfupdate.install import UpdateAsk, consider, events_for_receipt
 
 __all__ = [
     "agent_release",
@@ -254,12 +254,19 @@ def agent_release(
     """After every converged pass (an apply's step 8, or a pass with nothing to do): the
     ``agent-update`` hook where installed, else the built-in installer when ``self_update``
     is on. ``attempt`` is None on a pass that writes no receipt."""
+    checked = runtime_update_check(snapshot.updates, {r.name: r.image for r in snapshot.runtimes})
+    if checked["warning"] and attempt is not None:
+        log.warning("%s", checked["warning"])
+        attempt.step("runtime-update", checked["warning"])
     update = run_agent_update(node, snapshot, hooks=hooks, clock=clock, env=env)
     if update is not None:
         if attempt is not None:
             attempt.hook(update)
     elif node.settings.self_update and not _hook_installed(node, "agent-update"):
         self_update(node, snapshot, clock=clock, offline=offline, attempt=attempt)
+    if attempt is not None:
+        for line in events_for_receipt(node.paths.state_dir):
+            attempt.step("agent-event", line)
 
 
 def self_update(

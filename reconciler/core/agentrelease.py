@@ -26,7 +26,9 @@ __all__ = [
     "marked_good",
     "next_start",
     "noted_event",
+    "receipted_up_to",
     "refused",
+    "runtime_update_check",
     "selected_base",
     "selected_release",
     "started",
@@ -135,6 +137,8 @@ class AgentRecord:
     base_python: str | None = None
     base_site: tuple[str, ...] = ()
     events: tuple[tuple[tuple[str, str], ...], ...] = ()
+    events_total: int = 0  # events ever noted; each event's "n" is its number
+    receipted: int = 0  # events up to this number are in an apply receipt already
 
     def entry(self, hex_digest: str | None) -> ReleaseEntry | None:
         return dict(self.releases).get(hex_digest) if hex_digest else None
@@ -162,6 +166,8 @@ class AgentRecord:
                 "site": list(self.base_site),
             },
             "events": [dict(e) for e in self.events],
+            "events_total": self.events_total,
+            "receipted": self.receipted,
         }
 
     @classmethod
@@ -178,7 +184,13 @@ class AgentRecord:
             base_python=base.get("python"),
             base_site=tuple(base.get("site") or ()),
             events=tuple(tuple(sorted(e.items())) for e in obj.get("events") or ()),
+            events_total=int(obj.get("events_total", 0)),
+            receipted=int(obj.get("receipted", 0)),
         )
+
+    def unreceipted(self) -> list[dict[str, str]]:
+        """Events no apply receipt carries yet (a start gate's fallback, a good mark)."""
+        return [dict(e) for e in self.events if int(dict(e).get("n", "0")) > self.receipted]
 
 
 _ENTRY_FIELDS = {"version", "state", "starts", "since", "why"}
@@ -191,8 +203,15 @@ def _with_entry(record: AgentRecord, hex_digest: str, entry: ReleaseEntry) -> Ag
 
 def noted_event(record: AgentRecord, **fields: str) -> AgentRecord:
     """An event (``event``, ``at``, …) appended; only the last ``MAX_EVENTS`` are kept."""
-    event = tuple(sorted((k, v) for k, v in fields.items() if v))
-    return replace(record, events=(*record.events, event)[-MAX_EVENTS:])
+    number = record.events_total + 1
+    kept = {**{k: v for k, v in fields.items() if v}, "n": str(number)}
+    event = tuple(sorted(kept.items()))
+    return replace(record, events=(*record.events, event)[-MAX_EVENTS:], events_total=number)
+
+
+def receipted_up_to(record: AgentRecord, number: int) -> AgentRecord:
+    """Events up to ``number`` went into an apply receipt."""
+    return replace(record, receipted=max(record.receipted, number))
 
 
 def base_seen(
@@ -308,3 +327,25 @@ def next_start(record: AgentRecord, *, installed: set[str]) -> StartDecision:
             abandon=f"{entry.starts} starts in a row ended before a converged cycle",
         )
     return StartDecision(run=hex_digest, trial=True)
+
+
+def runtime_update_check(updates: dict[str, Any], images: dict[str, str]) -> dict[str, Any]:
+    """``updates.runtime`` against the images the snapshot pins (``images``: runtime name to
+    ``repo@sha256:…``): the approved runtime is the image digest some runtime runs. A
+    snapshot with runtimes of which none pins it gets a warning, never a rejection: the
+    images are what the node runs, the approval is what the network says it wants run."""
+    runtime = updates.get("runtime") or {}
+    digest = runtime.get("digest")
+    pinned_by = sorted(name for name, image in images.items() if image.endswith(f"@{digest}"))
+    warning = None
+    if images and not pinned_by:
+        warning = (
+            f"updates.runtime {runtime.get('version')} ({str(digest)[:19]}…) is not the image "
+            f"of any runtime ({', '.join(sorted(images))})"
+        )
+    return {
+        "version": runtime.get("version"),
+        "digest": digest,
+        "pinned_by": pinned_by,
+        "warning": warning,
+    }

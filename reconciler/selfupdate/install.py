@@ -37,6 +37,7 @@ from reconciler.core.agentrelease import (
     Artifact,
     is_below,
     noted_event,
+    receipted_up_to,
     refused,
     selected_base,
     selected_release,
@@ -47,7 +48,7 @@ from reconciler.disk.atomic import write_atomic
 from reconciler.models.download import deadline_for, download_file, new_client
 from reconciler.selfupdate.folder import COMPLETE_MARK, RELEASE_ENV, AgentFolder, die_at
 
-__all__ = ["UpdateAsk", "consider", "install_release"]
+__all__ = ["UpdateAsk", "consider", "events_for_receipt", "install_release"]
 
 log = logging.getLogger("reconciler")
 
@@ -95,6 +96,21 @@ def consider(state_dir: Path, ask: UpdateAsk) -> tuple[str, bool] | None:
         )
         raise
     return f"release {release.version} ({release.hex[:12]}) installed and selected", True
+
+
+def events_for_receipt(state_dir: Path) -> list[str]:
+    """Agent events (switches, fallbacks) not in a receipt yet, one line each; from now on
+    they count as in one (the caller puts them into the receipt it is writing)."""
+    folder = AgentFolder.of(state_dir)
+    if not folder.record_file.exists():
+        return []
+    pending = folder.read().unreceipted()
+    if not pending:
+        return []
+    last = max(int(e["n"]) for e in pending)
+    folder.change(lambda r: receipted_up_to(r, last))
+    order = ("event", "version", "digest", "why", "back_to", "at")
+    return [" ".join(f"{k}={e[k]}" for k in order if k in e) for e in pending]
 
 
 def install_release(
