@@ -461,3 +461,19 @@ def test_release_record_transitions() -> None:
     )
     assert runtime_update_check(updates, {})["warning"] is None  # no runtimes: nothing to check
     assert is_below("1.0rc1", "1.0") and not is_below("1.0", "") and not is_below("1.0", "1.0")
+
+
+def test_self_update_settings_from_the_environment(tmp_path: Path) -> None:
+    from reconciler.config.settings import load_settings
+    from reconciler.core.errors import SettingsError
+
+    def load(**env: str) -> Any:
+        return load_settings(config=str(tmp_path / "none.toml"), environ=env, allow_missing=True)
+
+    assert load().self_update is True and load().agent_settle_s == 600
+    assert load(RECONCILER_SELF_UPDATE="off").self_update is False
+    assert load(RECONCILER_AGENT_MIN_VERSION="0.3.0").agent_min_version == "0.3.0"
+    with pytest.raises(SettingsError, match="neither true nor false"):
+        load(RECONCILER_SELF_UPDATE="maybe")
+    with pytest.raises(SettingsError, match="agent_settle_s"):
+        load(RECONCILER_AGENT_SETTLE_S="0")

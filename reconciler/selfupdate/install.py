@@ -128,7 +128,9 @@ def install_release(
         lambda r: selected_release(r, hex_digest=release.hex, version=release.version, at=at)
     )
     die_at("agent-selected")
-    removed = folder.collect(record.kept())
+    # The running release too: it may still be on trial, and its code must stay until it exits.
+    running = os.environ.get(RELEASE_ENV)
+    removed = folder.collect(record.kept() | ({running} if running else set()))
     log.info(
         "agent: release %s (%s) selected; %d older release(s) removed",
         release.version,
