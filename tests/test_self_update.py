@@ -78,10 +78,30 @@ def _build_wheel(root: Path, name: str, version: str, patch: tuple[str, str, str
     return out / f"reconciler-{version}-py3-none-any.whl"
 
 
+def _build_extra(root: Path) -> Path:
+    """A wheel of a tiny package that a release ``requires`` and the base install lacks."""
+    tree = root / "extra"
+    (tree / "agentextra").mkdir(parents=True)
+    (tree / "agentextra" / "__init__.py").write_text("VALUE = 42\n")
+    (tree / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "agentextra"\nversion = "1.0"\n'
+    )
+    subprocess.run(
+        [*PIP_WHEEL, "-w", str(root / "dist"), str(tree)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    [wheel] = (root / "dist").glob("agentextra-1.0-*.whl")
+    return wheel
+
+
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("agent-wheels")
-    return {name: _build_wheel(root, name, v, p) for name, (v, p) in RELEASES.items()}
+    built = {name: _build_wheel(root, name, v, p) for name, (v, p) in RELEASES.items()}
+    return {**built, "extra": _build_extra(root)}
 
 
 def _sha(path: Path) -> str:
@@ -177,7 +197,11 @@ def test_good_release_runs_then_a_crashing_one_is_abandoned_for_the_previous(
     podman_url: str,
 ) -> None:
     good, crash = _sha(wheels["good"]), _sha(wheels["crash"])
-    _publish(simulator, file_server, wheels["good"])
+    extra = wheels["extra"]
+    file_server.write(f"wheels/{extra.name}", extra.read_bytes())
+    needs = {"name": extra.name, "digest": f"sha256:{_sha(extra)}", "size": extra.stat().st_size}
+    needs["urls"] = [f"wheels/{extra.name}"]
+    _publish(simulator, file_server, wheels["good"], requires=[needs])
     log = tmp_path / "supervisor.log"
     with supervised(_env(node, tmp_path, podman_url), log, starts=12):
         _wait_for(
@@ -192,6 +216,11 @@ def test_good_release_runs_then_a_crashing_one_is_abandoned_for_the_previous(
         release = node.state_dir / "agent" / "releases" / good
         assert (release / ".complete").is_file()
         assert _running_python(agent) == str(release / "bin" / "python")
+        # The pinned extra wheel is in the release's environment, not in the base install.
+        probe = ["-P", "-c", "import agentextra; print(agentextra.VALUE)"]
+        inside = subprocess.run([release / "bin" / "python", *probe], capture_output=True)
+        assert inside.stdout == b"42\n", inside.stderr
+        assert subprocess.run([sys.executable, *probe], capture_output=True).returncode == 1
         steps = [s for r in receipts(node, node.refs()["refs/heads/main"]) for s in r["steps"]]
         assert any(s["step"] == "agent" and "0.2.0" in s["detail"] for s in steps), steps
 
