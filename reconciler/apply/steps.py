@@ -256,8 +256,7 @@ def agent_release(
     is on. ``attempt`` is None on a pass that writes no receipt."""
     checked = runtime_update_check(snapshot.updates, {r.name: r.image for r in snapshot.runtimes})
     if checked["warning"] and attempt is not None:
-        log.warning("%s", checked["warning"])
-        attempt.step("runtime-update", checked["warning"])
+        log.warning("%s", checked["warning"])  # once per apply; status shows it all along
     update = run_agent_update(node, snapshot, hooks=hooks, clock=clock, env=env)
     if update is not None:
         if attempt is not None:
