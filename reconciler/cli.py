@@ -273,9 +273,13 @@ def once(ctx: _Context, offline: bool, wait_s: float) -> None:
 def watch(ctx: _Context, wait_s: float) -> None:
     """Fetch and converge forever; SIGHUP polls now, SIGTERM finishes the step and exits."""
     from reconciler.agent.loop import watch as run_watch
+    from reconciler.selfupdate.gate import record_running, start_gate
 
     settings = ctx.settings()
     _setup_logging(settings.log_format)
+    # The supervisor always starts this command; the selected agent release runs in its place.
+    start_gate(Path(settings.state_dir), settle_s=settings.agent_settle_s, argv=sys.argv[1:])
+    record_running(Path(settings.state_dir))
     sys.exit(run_watch(ctx.settings, wait_s=wait_s))
 
 
@@ -441,6 +445,14 @@ def sign(key: str, out: str | None, envelope: str) -> None:
 @click.option(
     "--chunk-size", default="8M", show_default=True, help="With --chunks: bytes per chunk."
 )
+@click.option(
+    "--agent-wheel",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Approve this reconciler wheel as the agent release (copied into ORIGIN/agent/).",
+)
+@click.option(
+    "--agent-url", "agent_urls", multiple=True, metavar="URL", help="A further mirror (repeat)."
+)
 @click.argument("snapshot", required=False, type=click.Path(exists=True, dir_okay=False))
 @_mapped
 def publish(
@@ -454,14 +466,16 @@ def publish(
     resume: bool,
     chunks_dir: str | None,
     chunk_size: str,
+    agent_wheel: str | None,
+    agent_urls: tuple[str, ...],
     snapshot: str | None,
 ) -> None:
     """Sign SNAPSHOT (JSON) into ORIGIN as snapshots/<hex>.json and head.json.
 
     With --chunks DIR, each model file found in DIR (as blobs/sha256/<hex>, NAME/VERSION/PATH
     or PATH) and longer than one chunk gets per-chunk digests, so that a node that receives
-    wrong bytes re-fetches only the chunk they fall in."""
-    from reconciler.core.documents import JsonError, loads_strict
+    wrong bytes re-fetches only the chunk they fall in. With --agent-wheel FILE, the snapshot
+    approves that wheel as the agent release (version, digest, size, urls filled in)."""
     from reconciler.core.errors import SettingsError
     from reconciler.network.publish import parse_duration, publish_snapshot
     from reconciler.network.rollout import RolloutChange, parse_wave, schedule_line
@@ -483,14 +497,11 @@ def publish(
     if snapshot is None:
         raise SettingsError("give a SNAPSHOT file, or --refresh-head")
     rollout = change.new_rollout()
-    try:
-        document = loads_strict(Path(snapshot).read_bytes())
-    except JsonError as exc:
-        raise SettingsError(f"{snapshot}: {exc}") from exc
-    if not isinstance(document, dict):
-        raise SettingsError(f"{snapshot}: not a JSON object")
+    document = _read_document(Path(snapshot))
     if chunks_dir is not None:
         document = _with_chunks(document, Path(chunks_dir), chunk_size=chunk_size)
+    if agent_wheel is not None:
+        document = _with_agent(document, Path(agent_wheel), origin=origin_dir, urls=agent_urls)
     result = publish_snapshot(
         Path(origin_dir),
         document,
@@ -502,6 +513,30 @@ def publish(
     click.echo(f"published serial {result.serial} {result.digest}")
     if result.rollout is not None:
         click.echo(schedule_line(result.rollout, now=now))
+
+
+def _read_document(snapshot: Path) -> dict[str, Any]:
+    from reconciler.core.documents import JsonError, loads_strict
+    from reconciler.core.errors import SettingsError
+
+    try:
+        document = loads_strict(snapshot.read_bytes())
+    except JsonError as exc:
+        raise SettingsError(f"{snapshot}: {exc}") from exc
+    if not isinstance(document, dict):
+        raise SettingsError(f"{snapshot}: not a JSON object")
+    return document
+
+
+def _with_agent(
+    document: dict[str, Any], wheel: Path, *, origin: str, urls: tuple[str, ...]
+) -> dict[str, Any]:
+    """``publish --agent-wheel``: the wheel copied into the origin and approved (§10)."""
+    from reconciler.network.agentwheel import with_agent_wheel
+
+    filled = with_agent_wheel(document, wheel, origin=Path(origin), urls=urls)
+    click.echo(f"agent: {wheel.name} approved as {filled['updates']['agent']['version']}")
+    return filled
 
 
 def _with_chunks(document: dict[str, Any], folder: Path, *, chunk_size: str) -> dict[str, Any]:

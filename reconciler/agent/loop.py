@@ -34,6 +34,7 @@ from reconciler.disk.lock import state_lock
 from reconciler.history.node import Node
 from reconciler.intake.fetch import enter_wave, fetch
 from reconciler.report.node_metrics import write_node_metrics
+from reconciler.selfupdate.gate import note_converged, switch_due
 
 __all__ = ["OnceResult", "run_once", "watch"]
 
@@ -196,6 +197,8 @@ def _run(
             opens_in_s=_wave_opens_in_s(node), now=time.monotonic(), timing=timing, rng=rng
         )
         cycles += 1
+        if _agent_switch(node, result):
+            break
         if max_cycles is not None and cycles >= max_cycles:
             break
         # An error raised through an edge (Podman, httpx) keeps its traceback, and the
@@ -205,6 +208,17 @@ def _run(
         gc.collect()
         signals.wake.wait(schedule.pause_s(now=time.monotonic(), timing=timing, rng=rng))
         signals.wake.clear()
+
+
+def _agent_switch(node: Node, result: OnceResult) -> bool:
+    """After a cycle: a release on trial that converged is good now; and whether another
+    agent release was selected, so that this one exits and the supervisor starts it (§10)."""
+    if result.converge is not None and result.converge.converged:
+        note_converged(node.paths.state_dir)
+    why = switch_due(node.paths.state_dir)
+    if why is not None:
+        log.info("watch: %s; exiting so that the supervisor starts it", why)
+    return why is not None
 
 
 def _reread(node: Node, load_settings: Callable[[], Settings]) -> Node:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,15 +21,18 @@ from reconciler.apply.attempt import AttemptLog
 from reconciler.apply.edges import Clock, CrashSeam, HookRunner, ModelsEdge, RuntimeEdge
 from reconciler.apply.nodeplan import NodePlan
 from reconciler.apply.target import ApplyTarget
+from reconciler.core.agentrelease import AgentRelease, runtime_update_check
 from reconciler.core.documents import Snapshot, format_time, loads_strict
-from reconciler.core.errors import HistoryError, HookVetoError, ReconcilerError
+from reconciler.core.errors import HistoryError, HookVetoError, ReconcilerError, TransientError
 from reconciler.core.record import agent_update_ran, mark_applied
 from reconciler.disk.atomic import write_atomic
 from reconciler.history.node import Node
 from reconciler.runtime.hooks import HookResult
 from reconciler.runtime.podman import ActionOutcome
+from reconciler.selfupdate.install import UpdateAsk, consider, events_for_receipt
 
 __all__ = [
+    "agent_release",
     "change_containers",
     "fetch_models",
     "held_suffix",
@@ -41,6 +45,7 @@ __all__ = [
     "retained_digests",
     "run_agent_update",
     "run_pre_apply",
+    "self_update",
     "write_host_facts",
     "write_model_states",
     "write_plan",
@@ -222,16 +227,81 @@ def record_applied(
     env: dict[str, str],
     attempt: AttemptLog,
     moves: tuple[list[str], list[str]],
+    offline: bool = False,
 ) -> None:
-    """The node converged: the record says so, then ``agent-update`` may run."""
+    """The node converged: the record says so, then ``agent-update`` may run, or, without
+    that hook and with ``self_update`` on, the built-in installer (docs/contract.md §10)."""
     at = format_time(clock())
     node.save(mark_applied(node.state, digest=target.digest, serial=target.serial, at=at))
-    update = run_agent_update(node, target.snapshot, hooks=hooks, clock=clock, env=env)
-    if update is not None:
-        attempt.hook(update)
+    agent_release(
+        node, target.snapshot, hooks=hooks, clock=clock, env=env, offline=offline, attempt=attempt
+    )
     joined, left = moves
     if joined or left:
         attempt.step("participation", f"joined {joined or '-'}, left {left or '-'}")
+
+
+def _hook_installed(node: Node, name: str) -> bool:
+    path = Path(node.settings.hooks_dir) / name
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def agent_release(
+    node: Node,
+    snapshot: Snapshot,
+    *,
+    hooks: HookRunner,
+    clock: Clock,
+    env: dict[str, str],
+    offline: bool,
+    attempt: AttemptLog | None,
+) -> None:
+    """After every converged pass (an apply's step 8, or a pass with nothing to do): the
+    ``agent-update`` hook where installed, else the built-in installer when ``self_update``
+    is on. ``attempt`` is None on a pass that writes no receipt."""
+    checked = runtime_update_check(snapshot.updates, {r.name: r.image for r in snapshot.runtimes})
+    if checked["warning"] and attempt is not None:
+        log.warning("%s", checked["warning"])  # once per apply; status shows it all along
+    update = run_agent_update(node, snapshot, hooks=hooks, clock=clock, env=env)
+    if update is not None:
+        if attempt is not None:
+            attempt.hook(update)
+    elif node.settings.self_update and not _hook_installed(node, "agent-update"):
+        self_update(node, snapshot, clock=clock, offline=offline, attempt=attempt)
+    if attempt is not None:
+        for line in events_for_receipt(node.paths.state_dir):
+            attempt.step("agent-event", line)
+
+
+def self_update(
+    node: Node, snapshot: Snapshot, *, clock: Clock, offline: bool, attempt: AttemptLog | None
+) -> None:
+    """Install and select the approved agent release; a failure is one line in the log and
+    the receipt, never a failed apply (the node did converge), and the next pass retries."""
+    release = AgentRelease.from_updates(snapshot.updates)
+    if release is None:
+        return
+    ask = UpdateAsk(
+        release=release,
+        base_url=node.settings.normalised_origin(),
+        offline=offline,
+        min_version=node.settings.agent_min_version,
+        at=format_time(clock()),
+    )
+    try:
+        done = consider(node.paths.state_dir, ask)
+    except TransientError as exc:
+        log.error("%s", exc.one_line())
+        if attempt is not None:
+            attempt.step("agent", exc.one_line())
+        return
+    if done is None:
+        return
+    line, changed = done
+    if attempt is not None:
+        attempt.step("agent", line)
+    elif changed:
+        log.info("agent: %s", line)
 
 
 def _approved_release(

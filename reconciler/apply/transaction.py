@@ -43,6 +43,7 @@ from reconciler.apply.policy import Verdict, judge
 from reconciler.apply.receipt import Receipt, sign_and_note
 from reconciler.apply.recovery import recover
 from reconciler.apply.steps import (
+    agent_release,
     change_containers,
     fetch_models,
     held_suffix,
@@ -53,7 +54,6 @@ from reconciler.apply.steps import (
     pull_images,
     record_applied,
     retained_digests,
-    run_agent_update,
     run_pre_apply,
     write_host_facts,
     write_model_states,
@@ -279,13 +279,15 @@ def _plan_and_apply(
         target, runtime_dir=node.paths.runtime, runtime=edges.runtime, models=edges.models
     )
     if node_plan.empty:
-        return _settle(node, target, edges=edges, reason=reason)
+        return _settle(node, target, edges=edges, reason=reason, offline=offline)
     return _attempt(
         node, node_plan, edges=edges, offline=offline, reason=reason, allow_rollback=allow_rollback
     )
 
 
-def _settle(node: Node, target: ApplyTarget, *, edges: Edges, reason: str) -> ConvergeOutcome:
+def _settle(
+    node: Node, target: ApplyTarget, *, edges: Edges, reason: str, offline: bool
+) -> ConvergeOutcome:
     """Nothing to do. Record convergence if this is news (e.g. after a crash mid-record)."""
     state = node.state
     if not (state.converged and state.applied_digest == target.digest):
@@ -313,7 +315,15 @@ def _settle(node: Node, target: ApplyTarget, *, edges: Edges, reason: str) -> Co
         "RECONCILE_SERIAL": str(target.serial),
         "RECONCILE_STATE_DIR": str(node.paths.state_dir),
     }
-    run_agent_update(node, target.snapshot, hooks=edges.hooks, clock=edges.clock, env=env)
+    agent_release(
+        node,
+        target.snapshot,
+        hooks=edges.hooks,
+        clock=edges.clock,
+        env=env,
+        offline=offline,
+        attempt=None,
+    )
     return ConvergeOutcome(
         converged=True,
         result=ApplyResult.NOOP,
@@ -359,7 +369,14 @@ def _attempt(
             actions=ended.actions,
         )
     record_applied(
-        node, target, hooks=edges.hooks, clock=edges.clock, env=env, attempt=attempt, moves=moves
+        node,
+        target,
+        hooks=edges.hooks,
+        clock=edges.clock,
+        env=env,
+        attempt=attempt,
+        moves=moves,
+        offline=offline,
     )
     return finish(result=ApplyResult.CONVERGED, error=None)
 

@@ -66,6 +66,11 @@ class Settings:
     # Strict modes (disk.strict): a group whose members may write the hooks and their folder.
     strict_modes_group: str | None = None
     state_group: str | None = None  # may read the state folder (0750, for monitoring)
+    # Agent releases (§10): install approved releases ourselves; never below this version;
+    # seconds a release on trial has to complete its first converged cycle.
+    self_update: bool = True
+    agent_min_version: str = ""
+    agent_settle_s: int = 600
 
     @property
     def effective_podman_url(self) -> str:
@@ -117,6 +122,8 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         try:
             if "tuple" in kind:
                 values[name] = [item.strip() for item in raw.split(",") if item.strip()]
+            elif "bool" in kind:
+                values[name] = _boolean(raw, name)
             elif "float" in kind:
                 values[name] = float(raw)
             elif "int" in kind:
@@ -126,6 +133,15 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         except ValueError:
             raise SettingsError(f"RECONCILER_{name.upper()}={raw!r} is not a number") from None
     return values
+
+
+def _boolean(raw: str, name: str) -> bool:
+    word = raw.strip().lower()
+    if word in {"1", "true", "yes", "on"}:
+        return True
+    if word in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"RECONCILER_{name.upper()}={raw!r} is neither true nor false")
 
 
 def _check(values: dict[str, Any], source: str) -> None:

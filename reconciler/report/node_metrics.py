@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+from reconciler import __version__
 from reconciler.core.documents import parse_time
 from reconciler.core.record import NodeState
 from reconciler.core.rollout import RolloutWait
@@ -20,6 +21,7 @@ from reconciler.models.mirrors import read_mirror_totals
 from reconciler.report.deliveries import read_deliveries
 from reconciler.report.host_view import gpu_metrics
 from reconciler.report.metrics import Metric, write_metrics
+from reconciler.selfupdate.gate import running_release
 
 __all__ = ["node_metrics", "write_node_metrics"]
 
@@ -51,6 +53,7 @@ def node_metrics(
         *_mirror_metrics(node),
         *_rollout_metrics(node.state, now=now),
         *gpu_metrics(node),
+        _agent_metric(),
         Metric(
             "reconciler_model_bytes_installed",
             "Bytes of model blobs on disk.",
@@ -143,6 +146,18 @@ def _counter_metrics(state: NodeState) -> list[Metric]:
             state.counters.get("rejections", 0),
         ),
     ]
+
+
+def _agent_metric() -> Metric:
+    """The agent that writes these metrics: its version, and its release digest (§10)."""
+    release = running_release()
+    return Metric(
+        "reconciler_agent_info",
+        "The running agent: version, and the release digest (empty: the base install).",
+        "gauge",
+        1,
+        labels=(("version", __version__), ("release", f"sha256:{release}" if release else "")),
+    )
 
 
 def _report_metrics(node: Node) -> list[Metric]:

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from reconciler import __version__
+from reconciler.core.agentrelease import runtime_update_check
 from reconciler.core.documents import parse_time
 from reconciler.core.errors import HistoryError
 from reconciler.core.record import NodeState
@@ -19,6 +20,7 @@ from reconciler.core.rollout import RolloutWait
 from reconciler.history.node import Node
 from reconciler.report.deliveries import read_deliveries
 from reconciler.report.host_view import format_host_lines, host_view
+from reconciler.selfupdate.view import agent_release_line, agent_releases_view
 
 __all__ = ["format_log", "format_status", "status_report"]
 
@@ -148,19 +150,38 @@ def _agent_view(node: Node, head_oid: str | None) -> dict[str, Any]:
         "update_available": bool(approved and approved != __version__),
         # The last run of the agent-update hook: {version, digest, exit_code, at} or None.
         "update_hook": node.state.agent_update,
+        **agent_releases_view(node.paths.state_dir, self_update=node.settings.self_update),
+        "runtime_update": _runtime_update(node, head_oid),
     }
 
 
-def _approved_agent(node: Node, oid: str | None) -> str | None:
+def _head_payload(node: Node, oid: str | None) -> dict[str, Any]:
     if oid is None:
-        return None
+        return {}
     try:
         payload, _envelope = node.history.blobs(oid)
-        updates = json.loads(payload).get("updates", {})
-        version = updates.get("agent", {}).get("version")
-    except (HistoryError, ValueError, AttributeError):
+        obj = json.loads(payload)
+    except (HistoryError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _approved_agent(node: Node, oid: str | None) -> str | None:
+    try:
+        version = _head_payload(node, oid).get("updates", {}).get("agent", {}).get("version")
+    except AttributeError:
         return None
     return version if isinstance(version, str) else None
+
+
+def _runtime_update(node: Node, oid: str | None) -> dict[str, Any] | None:
+    """HEAD's ``updates.runtime`` against the images its runtimes pin (docs/contract.md §10)."""
+    payload = _head_payload(node, oid)
+    try:
+        images = {str(r["name"]): str(r["image"]) for r in payload.get("runtimes", [])}
+        return runtime_update_check(payload["updates"], images)
+    except (KeyError, TypeError, AttributeError):
+        return None
 
 
 def _error_view(error: Any) -> dict[str, str] | None:
@@ -220,6 +241,10 @@ def format_status(report: dict[str, Any]) -> str:
             else ""
         )
         lines.append(f"agent       {agent['running']} running, {agent['approved']} approved{hook}")
+    if agent["selected"] or agent["previous"] or agent["failed"]:
+        lines.append(f"agent       {agent_release_line(agent)}")
+    if agent["runtime_update"] and agent["runtime_update"]["warning"]:
+        lines.append(f"warning     {agent['runtime_update']['warning']}")
     return "\n".join(lines)
 
 
