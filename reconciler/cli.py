@@ -441,6 +441,12 @@ def sign(key: str, out: str | None, envelope: str) -> None:
 @click.option(
     "--chunk-size", default="8M", show_default=True, help="With --chunks: bytes per chunk."
 )
+@click.option(
+    "--bt",
+    "bt_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Add BitTorrent piece hashes to the model files over 4 MiB found in this folder.",
+)
 @click.argument("snapshot", required=False, type=click.Path(exists=True, dir_okay=False))
 @_mapped
 def publish(
@@ -454,13 +460,14 @@ def publish(
     resume: bool,
     chunks_dir: str | None,
     chunk_size: str,
+    bt_dir: str | None,
     snapshot: str | None,
 ) -> None:
     """Sign SNAPSHOT (JSON) into ORIGIN as snapshots/<hex>.json and head.json.
 
     With --chunks DIR, each model file found in DIR (as blobs/sha256/<hex>, NAME/VERSION/PATH
-    or PATH) and longer than one chunk gets per-chunk digests, so that a node that receives
-    wrong bytes re-fetches only the chunk they fall in."""
+    or PATH) and longer than one chunk gets per-chunk digests (a node re-fetches only a bad
+    chunk); with --bt DIR, those over 4 MiB get BitTorrent piece hashes (nodes share them)."""
     from reconciler.core.documents import JsonError, loads_strict
     from reconciler.core.errors import SettingsError
     from reconciler.network.publish import parse_duration, publish_snapshot
@@ -476,8 +483,8 @@ def publish(
         resume=resume,
     )
     if refresh_head:
-        if chunks_dir is not None:
-            raise SettingsError("--chunks needs a SNAPSHOT to add the digests to")
+        if chunks_dir is not None or bt_dir is not None:
+            raise SettingsError("--chunks and --bt need a SNAPSHOT to add the digests to")
         _refresh(Path(origin_dir), signers=signers, now=now, lifetime=lifetime, change=change)
         return
     if snapshot is None:
@@ -491,13 +498,10 @@ def publish(
         raise SettingsError(f"{snapshot}: not a JSON object")
     if chunks_dir is not None:
         document = _with_chunks(document, Path(chunks_dir), chunk_size=chunk_size)
+    if bt_dir is not None:
+        document = _with_torrents(document, Path(bt_dir))
     result = publish_snapshot(
-        Path(origin_dir),
-        document,
-        signers=signers,
-        now=now,
-        expires_in_s=lifetime,
-        rollout=rollout,
+        Path(origin_dir), document, signers=signers, now=now, expires_in_s=lifetime, rollout=rollout
     )
     click.echo(f"published serial {result.serial} {result.digest}")
     if result.rollout is not None:
@@ -511,6 +515,18 @@ def _with_chunks(document: dict[str, Any], folder: Path, *, chunk_size: str) -> 
     document, filled = with_chunks(document, folder, chunk_bytes=parse_size(chunk_size))
     click.echo(
         f"chunks: {filled.filled} model file(s) given chunk digests, "
+        f"{filled.not_found} not found in {folder}, {filled.skipped} left as they were"
+    )
+    return document
+
+
+def _with_torrents(document: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``publish --bt``: the snapshot with piece hashes, and one line saying how many."""
+    from reconciler.network.torrents import with_torrents
+
+    document, filled = with_torrents(document, folder)
+    click.echo(
+        f"bt: {filled.filled} model file(s) given piece hashes, "
         f"{filled.not_found} not found in {folder}, {filled.skipped} left as they were"
     )
     return document
