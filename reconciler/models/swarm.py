@@ -51,6 +51,7 @@ _log = logging.getLogger("reconciler.swarm")
 
 STATUS_NAME = ".swarm.json"  # under models/: what `status` shows of the swarm
 _LISTEN_WAIT_S = 3.0
+_WEB_SEED_REQUEST_BYTES = 2 * 1024 * 1024
 
 
 class SwarmUnavailableError(TransientError):
@@ -122,7 +123,8 @@ class Swarm:
         self._seeding: dict[str, Any] = {}  # hex → handle of a blob offered to peers
         self.hash_failures = 0
         self.banned_peers = 0
-        self._counters = {"net.sent_payload_bytes": 0, "net.recv_payload_bytes": 0}
+        self._live: list[Any] = []  # every torrent in the session, to sum its payload
+        self._gone = [0, 0]  # payload (uploaded, downloaded) of torrents already removed
 
     @classmethod
     def open(cls, options: SwarmOptions, *, status_path: Path) -> Swarm:
@@ -132,6 +134,7 @@ class Swarm:
             session = lt.session(_settings_pack(lt, options))
         except RuntimeError as exc:
             raise SwarmUnavailableError(f"libtorrent would not start: {exc}") from None
+        _limit_lan_peers(session, options)
         swarm = cls(lt, session, options, status_path)
         swarm._wait_listening()
         return swarm
@@ -171,40 +174,50 @@ class Swarm:
 
     def add(self, params: Any) -> Any:
         with self._lock:
-            return self._session.add_torrent(params)
+            handle = self._session.add_torrent(params)
+            self._live.append(handle)
+            return handle
 
     def remove(self, handle: Any) -> None:
         with self._lock:
+            status = handle.status()
+            self._gone[0] += int(status.total_payload_upload)
+            self._gone[1] += int(status.total_payload_download)
+            self._live.remove(handle)
             self._session.remove_torrent(handle)
 
     def pump(self) -> None:
-        """Read the session's alerts: count wrong pieces and banned peers, keep the payload
-        counters. Any thread may call it; each alert is seen once."""
+        """Read the session's alerts: count wrong pieces and banned peers. Any thread may
+        call it; each alert is seen once."""
         with self._lock:
-            self._session.post_session_stats()
+            if self._session is None:
+                return
             for alert in self._session.pop_alerts():
-                self._on_alert(alert)
+                if isinstance(alert, self.lt.hash_failed_alert):
+                    self.hash_failures += 1
+                    _log.warning("swarm: %s", alert.message())
+                elif isinstance(alert, self.lt.peer_ban_alert):
+                    self.banned_peers += 1
+                    _log.warning("swarm: %s", alert.message())
 
-    def _on_alert(self, alert: Any) -> None:
-        lt = self.lt
-        if isinstance(alert, lt.hash_failed_alert):
-            self.hash_failures += 1
-            _log.warning("swarm: %s", alert.message())
-        elif isinstance(alert, lt.peer_ban_alert):
-            self.banned_peers += 1
-            _log.warning("swarm: %s", alert.message())
-        elif isinstance(alert, lt.session_stats_alert):
-            values = alert.values
-            for name in self._counters:
-                self._counters[name] = int(values.get(name, self._counters[name]))
+    def _payload(self, which: int) -> int:
+        with self._lock:
+            statuses = [h.status() for h in self._live]
+            live = sum(
+                int(s.total_payload_upload if which == 0 else s.total_payload_download)
+                for s in statuses
+            )
+            return self._gone[which] + live
 
     @property
     def uploaded_bytes(self) -> int:
-        return self._counters["net.sent_payload_bytes"]
+        """Payload sent to peers by this session, over every torrent it ever had."""
+        return self._payload(0)
 
     @property
     def downloaded_bytes(self) -> int:
-        return self._counters["net.recv_payload_bytes"]
+        """Payload received from peers and web seeds by this session."""
+        return self._payload(1)
 
     # ------------------------------------------------------------------ seeding
 
@@ -220,7 +233,7 @@ class Swarm:
                     wanted.setdefault(hex_, file)
         with self._lock:
             for hex_ in [h for h in self._seeding if h not in wanted]:
-                self._session.remove_torrent(self._seeding.pop(hex_))
+                self.remove(self._seeding.pop(hex_))
             for hex_, file in wanted.items():
                 if hex_ not in self._seeding:
                     self._seeding[hex_] = self.add(self._seed_params(file, blob_dir))
@@ -290,7 +303,18 @@ class Swarm:
     def close(self) -> None:
         with self._lock:
             self._seeding.clear()
+            self._live.clear()
             self._session = None
+
+
+def _limit_lan_peers(session: Any, options: SwarmOptions) -> None:
+    """libtorrent exempts peers on the local network from the upload cap and the unchoke
+    slots; here a LAN peer is held to the same cap (in a bucket of its own), and with seeding
+    off it is never unchoked either."""
+    local = session.get_peer_class(session.local_peer_class_id)
+    local["ignore_unchoke_slots"] = False
+    local["upload_limit"] = options.upload_rate
+    session.set_peer_class(session.local_peer_class_id, local)
 
 
 def _settings_pack(lt: Any, options: SwarmOptions) -> dict[str, Any]:
@@ -309,8 +333,11 @@ def _settings_pack(lt: Any, options: SwarmOptions) -> dict[str, Any]:
         "unchoke_slots_limit": -1 if options.seed else 0,
         "allow_multiple_connections_per_ip": options.same_ip_peers,
         "ban_web_seeds": True,
+        # A web seed answers one Range request per call, and HTTP cannot cancel part of one:
+        # short requests keep the origin from sending pieces that peers delivered meanwhile.
+        "urlseed_max_request_bytes": _WEB_SEED_REQUEST_BYTES,
         "user_agent": "reconciler",
-        "alert_mask": category.error | category.status | category.peer | category.stats,
+        "alert_mask": category.error | category.status | category.peer,
     }
 
 

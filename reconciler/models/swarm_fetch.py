@@ -47,6 +47,8 @@ __all__ = ["SwarmJob", "fetch_through_swarm", "staging_dir", "web_seeds"]
 _log = logging.getLogger("reconciler.swarm")
 
 _POLL_S = 0.2
+_QUIET_S = 2.0  # seconds without a verified byte before the web seeds come back
+_HOLD_S = 10.0  # seconds web seeds stay once peers that hold pieces sent none
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,18 +115,64 @@ def _download(swarm: Swarm, job: SwarmJob, staging: Path) -> None:
     params = lt.add_torrent_params()
     params.ti = swarm.torrent_info(file)
     params.save_path = str(staging)
-    params.url_seeds = web_seeds(file, base_url=job.base_url, local_mirrors=job.local_mirrors)
+    seeds = web_seeds(file, base_url=job.base_url, local_mirrors=job.local_mirrors)
+    params.url_seeds = seeds
     params.trackers = list(file.bt.trackers) if file.bt else []
     params.flags = swarm.discovery_flags(file)  # not auto-managed: never queued behind others
     handle = swarm.add(params)
     try:
         swarm.connect_peers(handle)
-        _wait(swarm, handle, job)
+        _wait(swarm, handle, job, _WebSeeds(swarm.lt, seeds))
     finally:
         swarm.remove(handle)
 
 
-def _wait(swarm: Swarm, handle: Any, job: SwarmJob) -> None:
+class _WebSeeds:
+    """The mirrors as web seeds only while the peers cannot supply the rest.
+
+    A web seed is one more source to libtorrent, which would keep pulling from it at full
+    speed while peers hold every missing piece: each node of a swarm would then take most of
+    the file from the origin. So the web seeds go away while every missing piece is held by a
+    connected peer, and come back when a missing piece is held by none or the peers delivered
+    nothing for ``_QUIET_S``; after such a return they stay ``_HOLD_S``, so that peers that
+    hold pieces but send none (seeding off) cannot make them flap."""
+
+    def __init__(self, lt: Any, urls: list[str]) -> None:
+        self._lt = lt
+        self._urls = urls
+        self.on = bool(urls)
+        self._hold_until = 0.0
+
+    def steer(self, handle: Any, status: Any, *, quiet_s: float) -> None:
+        now = time.monotonic()
+        if not self._urls or status.is_finished or now < self._hold_until:
+            return
+        offered = _peers_offer_the_rest(self._lt, handle, status)
+        if self.on and offered and quiet_s < _QUIET_S:
+            for url in self._urls:
+                handle.remove_url_seed(url)
+            self.on, self._hold_until = False, now + _QUIET_S
+        elif not self.on and (not offered or quiet_s >= _QUIET_S):
+            for url in self._urls:
+                handle.add_url_seed(url)
+            self.on, self._hold_until = True, now + (_HOLD_S if offered else _QUIET_S)
+
+
+def _peers_offer_the_rest(lt: Any, handle: Any, status: Any) -> bool:
+    """True when every piece still missing is held by a connected BitTorrent peer."""
+    have = status.pieces
+    missing = [i for i, got in enumerate(have) if not got]
+    held: list[Any] = []
+    for peer in handle.get_peer_info():
+        if peer.connection_type in (lt.peer_info.web_seed, lt.peer_info.http_seed):
+            continue
+        if peer.flags & lt.peer_info.seed:
+            return True
+        held.append(peer.pieces)
+    return bool(held) and all(any(bits[i] for bits in held) for i in missing)
+
+
+def _wait(swarm: Swarm, handle: Any, job: SwarmJob, seeds: _WebSeeds) -> None:
     """Until every piece is in and verified; ``SwarmUnavailableError`` after ``stall_s``
     without a verified byte, ``DownloadError`` when the caller stops the fetch."""
     states = swarm.lt.torrent_status
@@ -153,6 +201,7 @@ def _wait(swarm: Swarm, handle: Any, job: SwarmJob) -> None:
                 int(status.total_payload_download),
             )
             return
+        seeds.steer(handle, status, quiet_s=time.monotonic() - last_change)
         if job.should_stop is not None and job.should_stop():
             raise DownloadError(f"cannot download {job.label}: cancelled")
         if status.state not in checking and time.monotonic() - last_change > stall_s:
