@@ -485,3 +485,29 @@ def first_output(process: subprocess.Popen[bytes]) -> str:
     if process.poll() is None:
         return "still running"
     return (process.stdout.read() if process.stdout else b"").decode(errors="replace")
+
+
+# ---------------------------------------------------------------------- status
+
+
+def test_status_shows_the_swarm_and_its_fallback(
+    make_node: Any, file_server: Any, simulator: Any
+) -> None:
+    node = make_node(file_server.url, simulator.roots[1], RECONCILER_P2P="true")
+    assert node.status()["p2p"] == {"state": "not started"}
+    models = node.state_dir / "models"
+    from reconciler.core.errors import TransientError
+    from reconciler.models.swarm import note_fallback
+
+    note_fallback(models / STATUS_NAME, TransientError("cannot listen on 0.0.0.0:6881: taken"))
+    view = node.status()["p2p"]
+    assert view["state"] == "fallback"
+    assert view["fallback"]["reason"] == "cannot listen on 0.0.0.0:6881: taken"
+    assert "p2p         fallback, files come over HTTP: cannot listen" in node.status_text()
+    # p2p off: status says nothing of a swarm, whatever an old record says.
+    assert (
+        node.run("status", "--json", env={"RECONCILER_P2P": "false"})
+        .ok()
+        .stdout.count('"p2p": null')
+        == 1
+    )

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from reconciler.agent.heartbeat import Heartbeat, report_now
+from reconciler.agent.seeding import seed_what_we_keep, stop_seeding
 from reconciler.apply.transaction import ConvergeOutcome, converge
 from reconciler.config.settings import Settings
 from reconciler.core.errors import OriginUnreachableError, ReconcilerError, RejectedError
@@ -157,6 +158,7 @@ def watch(
                 )
             finally:
                 heartbeat.close()
+                stop_seeding()
     log.info("watch: stopped")
     return 0
 
@@ -183,6 +185,7 @@ def _run(
         due = schedule.due(started)
         result = _locked_cycle(node, due=due, wait_s=wait_s)
         heartbeat.cycle_done(node.settings)  # reports go on their own thread (§9)
+        seed_what_we_keep(node)  # p2p: offer HEAD's and the retained snapshots' blobs
         timing = _timing(node)
         schedule = schedule.after_cycle(
             due=due,

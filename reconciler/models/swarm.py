@@ -395,6 +395,7 @@ def close_shared_swarm() -> None:
 def _write_status(path: Path, document: dict[str, Any]) -> None:
     import json
 
+    document = {**document, "updated_at": format_time(time.time())}
     try:
         write_atomic(path, json.dumps(document, sort_keys=True).encode("utf-8"))
     except (OSError, ReconcilerError) as exc:
