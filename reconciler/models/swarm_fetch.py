@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,11 @@ _log = logging.getLogger("reconciler.swarm")
 _POLL_S = 0.2
 _QUIET_S = 2.0  # seconds without a verified byte before the web seeds come back
 _HOLD_S = 10.0  # seconds web seeds stay once peers that hold pieces sent none
+_MIN_ON_S = 1.0  # seconds web seeds stay on at least once a starving node turned them on
+_JITTER_S = 1.0  # the most a starving node waits before it turns to its web seeds
+_ENOUGH = 4  # pieces the peers must hold for this node before its web seeds go off
+_STEER_S = 0.5  # seconds between two looks at what the peers hold
+_RECONNECT_S = 2.0  # seconds between two calls on the peers named in the settings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,61 +121,103 @@ def _download(swarm: Swarm, job: SwarmJob, staging: Path) -> None:
     params = lt.add_torrent_params()
     params.ti = swarm.torrent_info(file)
     params.save_path = str(staging)
-    seeds = web_seeds(file, base_url=job.base_url, local_mirrors=job.local_mirrors)
-    params.url_seeds = seeds
+    seeds = _WebSeeds(
+        lt,
+        web_seeds(file, base_url=job.base_url, local_mirrors=job.local_mirrors),
+        peers_first=swarm.can_find_peers(file),
+    )
+    params.url_seeds = seeds.initial
     params.trackers = list(file.bt.trackers) if file.bt else []
     params.flags = swarm.discovery_flags(file)  # not auto-managed: never queued behind others
     handle = swarm.add(params)
     try:
         swarm.connect_peers(handle)
-        _wait(swarm, handle, job, _WebSeeds(swarm.lt, seeds))
+        _wait(swarm, handle, job, seeds)
     finally:
         swarm.remove(handle)
 
 
 class _WebSeeds:
-    """The mirrors as web seeds only while the peers cannot supply the rest.
+    """The mirrors as web seeds only while the peers have nothing to give.
 
-    A web seed is one more source to libtorrent, which would keep pulling from it at full
-    speed while peers hold every missing piece: each node of a swarm would then take most of
-    the file from the origin. So the web seeds go away while every missing piece is held by a
-    connected peer, and come back when a missing piece is held by none or the peers delivered
-    nothing for ``_QUIET_S``; after such a return they stay ``_HOLD_S``, so that peers that
-    hold pieces but send none (seeding off) cannot make them flap."""
+    A web seed is one more source to libtorrent, which would pull from it at full speed
+    whatever the peers hold: every node of a swarm would then take most of the file from the
+    origin. So, where the node can find peers at all (named peers, trackers, LSD, DHT):
 
-    def __init__(self, lt: Any, urls: list[str]) -> None:
+    * the web seeds are off while connected peers hold at least ``_ENOUGH`` pieces this node
+      lacks (or all it lacks): it takes those from them;
+    * they come on when no peer holds anything it lacks, after a random pause of up to
+      ``_JITTER_S`` (nodes that starve together do not all turn to the origin at once, and
+      one that sees a peer get something meanwhile stays off), or when the peers delivered
+      nothing for ``_QUIET_S`` (peers that hold pieces but send none, seeding off); after
+      that they stay ``_HOLD_S``;
+    * pieces no connected peer holds get the highest priority and those one holds the lowest:
+      a peer can only send what it holds, so the web seed is left the pieces new to the swarm.
+
+    A node with no way to find peers uses its web seeds from the start."""
+
+    def __init__(self, lt: Any, urls: list[str], *, peers_first: bool) -> None:
         self._lt = lt
         self._urls = urls
-        self.on = bool(urls)
-        self._hold_until = 0.0
+        self.on = bool(urls) and not peers_first
+        self._not_before = 0.0
+        self._starved_at: float | None = None
+        self._next_s = 0.0
+        self._priorities: list[int] = []
+
+    @property
+    def initial(self) -> list[str]:
+        return list(self._urls) if self.on else []
 
     def steer(self, handle: Any, status: Any, *, quiet_s: float) -> None:
         now = time.monotonic()
-        if not self._urls or status.is_finished or now < self._hold_until:
+        if not self._urls or status.is_finished or now < self._next_s:
             return
-        offered = _peers_offer_the_rest(self._lt, handle, status)
-        if self.on and offered and quiet_s < _QUIET_S:
-            for url in self._urls:
-                handle.remove_url_seed(url)
-            self.on, self._hold_until = False, now + _QUIET_S
-        elif not self.on and (not offered or quiet_s >= _QUIET_S):
-            for url in self._urls:
-                handle.add_url_seed(url)
-            self.on, self._hold_until = True, now + (_HOLD_S if offered else _QUIET_S)
+        self._next_s = now + _STEER_S
+        have = status.pieces
+        held = _held_by_peers(self._lt, handle, len(have))
+        missing = [i for i, got in enumerate(have) if not got]
+        from_peers = len(missing) if held is None else sum(1 for i in missing if i in held)
+        self._prioritise(handle, have, held)
+        if from_peers:
+            self._starved_at = None
+        elif self._starved_at is None:
+            self._starved_at = now + random.uniform(0, _JITTER_S)
+        if now < self._not_before:
+            return
+        if self.on and quiet_s < _QUIET_S and from_peers >= min(_ENOUGH, len(missing)):
+            self._switch(handle, on=False, hold_s=0.0)
+        elif not self.on and quiet_s >= _QUIET_S:
+            self._switch(handle, on=True, hold_s=_HOLD_S)
+        elif not self.on and self._starved_at is not None and now >= self._starved_at:
+            self._switch(handle, on=True, hold_s=_MIN_ON_S)
+
+    def _switch(self, handle: Any, *, on: bool, hold_s: float) -> None:
+        for url in self._urls:
+            (handle.add_url_seed if on else handle.remove_url_seed)(url)
+        self.on, self._not_before = on, time.monotonic() + hold_s
+
+    def _prioritise(self, handle: Any, have: list[bool], held: set[int] | None) -> None:
+        priorities = [
+            4 if got or held is None else (1 if i in held else 7) for i, got in enumerate(have)
+        ]
+        if priorities != self._priorities:
+            handle.prioritize_pieces(priorities)
+            self._priorities = priorities
 
 
-def _peers_offer_the_rest(lt: Any, handle: Any, status: Any) -> bool:
-    """True when every piece still missing is held by a connected BitTorrent peer."""
-    have = status.pieces
-    missing = [i for i, got in enumerate(have) if not got]
-    held: list[Any] = []
+def _held_by_peers(lt: Any, handle: Any, count: int) -> set[int] | None:
+    """The pieces some connected BitTorrent peer holds; None when a peer holds them all."""
+    held: set[int] = set()
     for peer in handle.get_peer_info():
         if peer.connection_type in (lt.peer_info.web_seed, lt.peer_info.http_seed):
             continue
         if peer.flags & lt.peer_info.seed:
-            return True
-        held.append(peer.pieces)
-    return bool(held) and all(any(bits[i] for bits in held) for i in missing)
+            return None
+        held.update(i for i, got in enumerate(peer.pieces) if got)
+        if len(held) == count:
+            return None
+    return held
 
 
 def _wait(swarm: Swarm, handle: Any, job: SwarmJob, seeds: _WebSeeds) -> None:
@@ -180,7 +228,7 @@ def _wait(swarm: Swarm, handle: Any, job: SwarmJob, seeds: _WebSeeds) -> None:
     stall_s = swarm.options.stall_s
     reported = 0
     resumed: int | None = None
-    last_change = time.monotonic()
+    last_change = reconnect_at = time.monotonic()
     while True:
         swarm.pump()
         status = handle.status()
@@ -202,6 +250,11 @@ def _wait(swarm: Swarm, handle: Any, job: SwarmJob, seeds: _WebSeeds) -> None:
             )
             return
         seeds.steer(handle, status, quiet_s=time.monotonic() - last_change)
+        if time.monotonic() >= reconnect_at:
+            # A peer that finished re-adds the file as a seed and drops its connections;
+            # the named peers are asked again (libtorrent skips those still connected).
+            swarm.connect_peers(handle)
+            reconnect_at = time.monotonic() + _RECONNECT_S
         if job.should_stop is not None and job.should_stop():
             raise DownloadError(f"cannot download {job.label}: cancelled")
         if status.state not in checking and time.monotonic() - last_change > stall_s:
