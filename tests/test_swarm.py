@@ -511,3 +511,71 @@ def test_status_shows_the_swarm_and_its_fallback(
         .stdout.count('"p2p": null')
         == 1
     )
+
+
+# ---------------------------------------------------------------------- seeding while watch runs
+
+
+@pytest.mark.podman
+def test_watch_seeds_what_it_keeps_and_a_peer_installs_it_from_the_node_alone(
+    tmp_path: Path, make_node: Any, file_server: Any, simulator: Any, podman_service: Any
+) -> None:
+    from tests.support.podman_fixtures import free_port
+    from tests.support.scenarios import AGENT_COMMAND, node_env, served_model, snapshot_body
+
+    data = os.urandom(6 * MIB)
+    model = served_model(file_server, "m", "v1", {"w.bin": data})
+    body, filled = with_torrents(
+        snapshot_body(models=[model]), file_server.root / "models" / "m" / "v1"
+    )
+    assert filled.filled == 1
+    simulator.publish(body=body)
+    port = free_port()
+    env = node_env(
+        podman_service,
+        tmp_path / "hooks",
+        RECONCILER_P2P="true",
+        RECONCILER_P2P_LISTEN=f"127.0.0.1:{port}",
+        RECONCILER_P2P_LSD="false",
+        RECONCILER_P2P_DHT="false",
+    )
+    node = make_node(file_server.url, simulator.roots[1], **env)
+    watch = subprocess.Popen(
+        [*AGENT_COMMAND, "watch"],
+        env={**os.environ, **node.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while (read_swarm_status(node.state_dir / "models") or {}).get("seeding") != 1:
+            assert time.monotonic() < deadline and watch.poll() is None, "watch never seeded"
+            time.sleep(0.1)
+        blob_path = (
+            node.state_dir / "models" / "blobs" / "sha256" / hashlib.sha256(data).hexdigest()
+        )
+        before = blob_path.stat()
+        # The peer's only source is the watching node: its mirror URL answers nothing.
+        spec = Snapshot.from_payload({**snapshot_with(body["models"][0]["files"][0])}).models[0]
+        dead = ModelSpec(
+            name=spec.name,
+            version=spec.version,
+            files=tuple(replace_urls(f, (DEAD_URL,)) for f in spec.files),
+        )
+        peer = ModelStore(NodePaths(tmp_path / "peer"))
+        fetch(peer, dead, options(peers=(f"127.0.0.1:{port}",)))
+        assert_installed(peer, dead, data)
+        assert "p2p         on 127.0.0.1:" in node.status_text()
+        after = blob_path.stat()
+        assert (after.st_mtime_ns, after.st_ino) == (before.st_mtime_ns, before.st_ino)
+    finally:
+        watch.send_signal(signal.SIGTERM)
+        _, err = watch.communicate(timeout=30)
+    assert watch.returncode == 0, err.decode(errors="replace")[-2000:]
+
+
+def replace_urls(file: Any, urls: tuple[str, ...]) -> Any:
+    from dataclasses import replace
+
+    return replace(file, urls=urls)
