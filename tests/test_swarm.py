@@ -194,6 +194,62 @@ def test_publish_bt_carries_the_v1_pieces_that_rebuild_the_torrent(tmp_path: Pat
     assert info.total_size() == len(data)
 
 
+def test_reconcile_publish_bt_signs_pieces_a_node_then_installs_from_the_swarm(
+    tmp_path: Path,
+) -> None:
+    from click.testing import CliRunner
+
+    from reconciler.cli import cli
+
+    data = os.urandom(5 * MIB + 1)
+    with FileServer(tmp_path / "mirror") as mirror:
+        mirror.write("w.bin", data)
+        entry = {
+            "path": "w.bin",
+            "size": len(data),
+            "digest": "sha256:" + hashlib.sha256(data).hexdigest(),
+            "urls": [mirror.url_for("w.bin")],
+        }
+        small = {"path": "c.json", "size": 2, "digest": "sha256:" + "1" * 64, "urls": [DEAD_URL]}
+        body = base_snapshot()
+        body["models"] = [{"name": "m", "version": "v1", "files": [entry, small]}]
+        body["p2p"] = {"trackers": ["udp://127.0.0.1:9/announce"], "dht": False}
+        (tmp_path / "snapshot.json").write_text(json.dumps(body), encoding="utf-8")
+        runner = CliRunner()
+        assert runner.invoke(cli, ["keygen", str(tmp_path / "k1")]).exit_code == 0
+        origin = tmp_path / "origin"
+        result = runner.invoke(
+            cli,
+            [
+                "publish",
+                "--origin",
+                str(origin),
+                "--key",
+                str(tmp_path / "k1.key"),
+                "--bt",
+                str(tmp_path / "mirror"),
+                str(tmp_path / "snapshot.json"),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert "bt: 1 model file(s) given piece hashes, 0 not found" in result.output
+        head = json.loads(
+            base64.b64decode(json.loads((origin / "head.json").read_bytes())["payload"])
+        )
+        signed = origin / "snapshots" / f"{head['config_digest'].removeprefix('sha256:')}.json"
+        document = json.loads(base64.b64decode(json.loads(signed.read_bytes())["payload"]))
+        big, tiny = Snapshot.from_payload(document).models[0].files
+        assert tiny.bt is None  # 4 MiB or less: HTTP only
+        assert big.bt is not None and big.bt.trackers == ("udp://127.0.0.1:9/announce",)
+        assert not big.bt.dht
+        store = ModelStore(NodePaths(tmp_path / "node"))
+        model = ModelSpec(name="m", version="v1", files=(big,))
+        fetch(store, model, options())
+        assert_installed(store, model, data)
+    status = read_swarm_status(store.root)
+    assert status is not None and status["downloaded_bytes"] == len(data)
+
+
 def test_publish_bt_refuses_a_file_that_is_not_its_digest(tmp_path: Path) -> None:
     from reconciler.core.errors import SettingsError
 
