@@ -635,3 +635,15 @@ def replace_urls(file: Any, urls: tuple[str, ...]) -> Any:
     from dataclasses import replace
 
     return replace(file, urls=urls)
+
+
+def test_gc_removes_swarm_downloads_no_kept_snapshot_wants(tmp_path: Path) -> None:
+    store = ModelStore(NodePaths(tmp_path / "node"))
+    staging = store.paths.work / "models" / "swarm"
+    staging.mkdir(parents=True)
+    wanted, unwanted = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    (staging / ("a" * 64)).write_bytes(b"half a download")
+    (staging / ("b" * 64)).write_bytes(b"a download nobody wants")
+    store.gc({wanted})
+    assert sorted(p.name for p in staging.iterdir()) == ["a" * 64]
+    assert unwanted not in {p.name for p in staging.iterdir()}
