@@ -411,7 +411,8 @@ def test_sigkill_during_a_swarm_download_then_resume(tmp_path: Path) -> None:
         resumed = int(text.split("resuming with ")[1].split()[0])
         assert resumed >= 4 * MIB
         # The second run asked the origin only for what the first had not verified.
-        assert origin.body_bytes_sent() - before <= len(data) - resumed + 2 * MIB
+        # (Slack: the two 2 MiB web seed requests in flight at the kill are asked again.)
+        assert origin.body_bytes_sent() - before <= len(data) - resumed + 4 * MIB
     finally:
         origin.close()
     store = ModelStore(NodePaths(node))
@@ -629,6 +630,9 @@ def test_watch_seeds_what_it_keeps_and_a_peer_installs_it_from_the_node_alone(
         watch.send_signal(signal.SIGTERM)
         _, err = watch.communicate(timeout=30)
     assert watch.returncode == 0, err.decode(errors="replace")[-2000:]
+    stopped = node.status()["p2p"]
+    assert stopped["state"] == "stopped" and stopped["uploaded_bytes"] >= len(data)
+    assert "p2p         stopped at" in node.status_text()
 
 
 def replace_urls(file: Any, urls: tuple[str, ...]) -> Any:

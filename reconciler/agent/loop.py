@@ -76,7 +76,10 @@ def _cycle(node: Node, *, offline: bool, do_fetch: bool, full_verify: bool) -> O
 def run_once(node: Node, *, offline: bool, wait_s: float = 0.0) -> OnceResult:
     """One pass: fetch (unless offline), converge, metrics. Exit code per docs/contract.md §6."""
     with state_lock(node.paths.lock, wait_s=wait_s):
-        result = _cycle(node, offline=offline, do_fetch=True, full_verify=False)
+        try:
+            result = _cycle(node, offline=offline, do_fetch=True, full_verify=False)
+        finally:
+            stop_seeding()  # `once` shares only while it downloads
     if not offline:
         report_now(node)  # after the lock: a slow collector holds up no other command
     return result

@@ -124,6 +124,7 @@ class Swarm:
         self.hash_failures = 0
         self.banned_peers = 0
         self._live: list[Any] = []  # every torrent in the session, to sum its payload
+        self._dht_on = False
         self._gone = [0, 0]  # payload (uploaded, downloaded) of torrents already removed
 
     @classmethod
@@ -269,6 +270,12 @@ class Swarm:
         flags = 0
         if not (self.options.dht and file.bt is not None and file.bt.dht):
             flags |= lt.torrent_flags.disable_dht
+        elif not self._dht_on:
+            # The session joins the DHT only once a snapshot asks for it: until then a node
+            # sends nothing to the DHT's public bootstrap nodes.
+            with self._lock:
+                self._session.apply_settings({"enable_dht": True})
+                self._dht_on = True
         if not self.options.lsd:
             flags |= lt.torrent_flags.disable_lsd
         return flags
@@ -311,10 +318,27 @@ class Swarm:
         )
 
     def close(self) -> None:
+        """Stop the session; its record says so (``status`` shows ``stopped``)."""
         with self._lock:
+            if self._session is None:
+                return
+            uploaded, downloaded = self.uploaded_bytes, self.downloaded_bytes
             self._seeding.clear()
             self._live.clear()
             self._session = None
+        _write_status(
+            self._status_path,
+            {
+                "state": "stopped",
+                "engine": f"libtorrent {self.lt.__version__}",
+                "seeding": 0 if self.options.seed else None,
+                "uploaded_bytes": uploaded,
+                "downloaded_bytes": downloaded,
+                "hash_failures": self.hash_failures,
+                "banned_peers": self.banned_peers,
+                "fallback": _fallbacks.get(str(self._status_path)),
+            },
+        )
 
 
 def _limit_lan_peers(session: Any, options: SwarmOptions) -> None:
@@ -335,7 +359,7 @@ def _settings_pack(lt: Any, options: SwarmOptions) -> dict[str, Any]:
         "max_retry_port_bind": 0,
         "enable_upnp": False,
         "enable_natpmp": False,
-        "enable_dht": options.dht,
+        "enable_dht": False,  # turned on by the first torrent that may use it
         "enable_lsd": options.lsd,
         "connections_limit": options.connections,
         "upload_rate_limit": options.upload_rate,

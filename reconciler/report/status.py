@@ -92,9 +92,18 @@ def _p2p_view(node: Node) -> dict[str, Any] | None:
 
 def _p2p_line(view: dict[str, Any]) -> str:
     fallback = view.get("fallback")
-    if view.get("state") != "on":
+    state = view.get("state")
+    if state == "not started":
+        return "p2p         on, not started yet (the next download or `watch` starts it)"
+    if state not in ("on", "stopped"):
         reason = f": {fallback['reason']} ({fallback['at']})" if fallback else ""
-        return f"p2p         {view.get('state')}, files come over HTTP{reason}"
+        return f"p2p         {state}, files come over HTTP{reason}"
+    if state == "stopped":
+        return (
+            f"p2p         stopped at {view.get('updated_at')} (starts with the next download "
+            f"or `watch`), {view.get('uploaded_bytes', 0)} B up, "
+            f"{view.get('downloaded_bytes', 0)} B down"
+        )
     seeding = view.get("seeding")
     offered = "seeding off" if seeding is None else f"seeding {seeding} blob(s)"
     line = (
