@@ -8,7 +8,11 @@ missing digest (``concurrency`` large files at a time, files up to ``BATCH_SYNC_
 verified partial to ``BlobFolder.adopt`` and records each failure in the index (a model whose
 bytes failed verification shows as Failed).
 
-What it may not do: contact anything except through ``reconciler.models.download``; start a
+With the node's ``p2p`` setting on, a file that carries BitTorrent pieces goes to
+``swarm_fetch.fetch_through_swarm`` first, and to ``download_file`` only if that declines.
+
+What it may not do: contact anything except through ``reconciler.models.download`` (and,
+with ``p2p`` on, ``reconciler.models.swarm``); start a
 download that cannot fit; keep downloading once one found the disk full (the others would
 only fill it further) or once the caller cancelled.
 """
