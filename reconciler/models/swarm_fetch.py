@@ -103,14 +103,18 @@ def fetch_through_swarm(
     staging.mkdir(parents=True, exist_ok=True)
     target = staging / blob_hex(file.digest)
     try:
-        _download(swarm, job, staging)
+        try:
+            _download(swarm, job, staging)
+        except RuntimeError as exc:  # libtorrent's own errors (a refused torrent, a closed session)
+            raise SwarmUnavailableError(f"{job.label}: libtorrent: {exc}") from None
         _check_digest(target, file.digest)
     except SwarmUnavailableError as exc:
         note_fallback(status_path, exc)
         _discard(target)
         return False
     blobs.adopt(target, blob_hex(file.digest), synced=True)
-    swarm.seed_one(file, blobs.dir)
+    with contextlib.suppress(RuntimeError):  # offering it is a bonus, never the fetch's failure
+        swarm.seed_one(file, blobs.dir)
     swarm.write_status()
     return True
 
