@@ -48,6 +48,7 @@ BENCHMARKS = (
     "watch_memory",
     "downtime",
     "fleet",
+    "swarm",
 )
 RESULTS = _ROOT / "bench" / "results.json"
 

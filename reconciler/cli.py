@@ -446,6 +446,12 @@ def sign(key: str, out: str | None, envelope: str) -> None:
     "--chunk-size", default="8M", show_default=True, help="With --chunks: bytes per chunk."
 )
 @click.option(
+    "--bt",
+    "bt_dir",
+    type=click.Path(exists=True, file_okay=False),
+    help="Add BitTorrent piece hashes to the model files over 4 MiB found in this folder.",
+)
+@click.option(
     "--agent-wheel",
     type=click.Path(exists=True, dir_okay=False),
     help="Approve this reconciler wheel as the agent release (copied into ORIGIN/agent/).",
@@ -468,14 +474,16 @@ def publish(
     chunk_size: str,
     agent_wheel: str | None,
     agent_urls: tuple[str, ...],
+    bt_dir: str | None,
     snapshot: str | None,
 ) -> None:
     """Sign SNAPSHOT (JSON) into ORIGIN as snapshots/<hex>.json and head.json.
 
     With --chunks DIR, each model file found in DIR (as blobs/sha256/<hex>, NAME/VERSION/PATH
-    or PATH) and longer than one chunk gets per-chunk digests, so that a node that receives
-    wrong bytes re-fetches only the chunk they fall in. With --agent-wheel FILE, the snapshot
-    approves that wheel as the agent release (version, digest, size, urls filled in)."""
+    or PATH) and longer than one chunk gets per-chunk digests (a node re-fetches only a bad
+    chunk); with --bt DIR, those over 4 MiB get BitTorrent piece hashes (nodes share them).
+    With --agent-wheel FILE, the snapshot approves that wheel as the agent release
+    (version, digest, size, urls filled in)."""
     from reconciler.core.errors import SettingsError
     from reconciler.network.publish import parse_duration, publish_snapshot
     from reconciler.network.rollout import RolloutChange, parse_wave, schedule_line
@@ -490,8 +498,8 @@ def publish(
         resume=resume,
     )
     if refresh_head:
-        if chunks_dir is not None:
-            raise SettingsError("--chunks needs a SNAPSHOT to add the digests to")
+        if chunks_dir is not None or bt_dir is not None:
+            raise SettingsError("--chunks and --bt need a SNAPSHOT to add the digests to")
         _refresh(Path(origin_dir), signers=signers, now=now, lifetime=lifetime, change=change)
         return
     if snapshot is None:
@@ -500,15 +508,12 @@ def publish(
     document = _read_document(Path(snapshot))
     if chunks_dir is not None:
         document = _with_chunks(document, Path(chunks_dir), chunk_size=chunk_size)
+    if bt_dir is not None:
+        document = _with_torrents(document, Path(bt_dir))
     if agent_wheel is not None:
         document = _with_agent(document, Path(agent_wheel), origin=origin_dir, urls=agent_urls)
     result = publish_snapshot(
-        Path(origin_dir),
-        document,
-        signers=signers,
-        now=now,
-        expires_in_s=lifetime,
-        rollout=rollout,
+        Path(origin_dir), document, signers=signers, now=now, expires_in_s=lifetime, rollout=rollout
     )
     click.echo(f"published serial {result.serial} {result.digest}")
     if result.rollout is not None:
@@ -546,6 +551,18 @@ def _with_chunks(document: dict[str, Any], folder: Path, *, chunk_size: str) -> 
     document, filled = with_chunks(document, folder, chunk_bytes=parse_size(chunk_size))
     click.echo(
         f"chunks: {filled.filled} model file(s) given chunk digests, "
+        f"{filled.not_found} not found in {folder}, {filled.skipped} left as they were"
+    )
+    return document
+
+
+def _with_torrents(document: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``publish --bt``: the snapshot with piece hashes, and one line saying how many."""
+    from reconciler.network.torrents import with_torrents
+
+    document, filled = with_torrents(document, folder)
+    click.echo(
+        f"bt: {filled.filled} model file(s) given piece hashes, "
         f"{filled.not_found} not found in {folder}, {filled.skipped} left as they were"
     )
     return document

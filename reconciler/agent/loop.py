@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from types import FrameType
 
 from reconciler.agent.heartbeat import Heartbeat, report_now
+from reconciler.agent.seeding import seed_what_we_keep, stop_seeding
 from reconciler.apply.transaction import ConvergeOutcome, converge
 from reconciler.config.settings import Settings
 from reconciler.core.errors import OriginUnreachableError, ReconcilerError, RejectedError
@@ -76,7 +77,10 @@ def _cycle(node: Node, *, offline: bool, do_fetch: bool, full_verify: bool) -> O
 def run_once(node: Node, *, offline: bool, wait_s: float = 0.0) -> OnceResult:
     """One pass: fetch (unless offline), converge, metrics. Exit code per docs/contract.md §6."""
     with state_lock(node.paths.lock, wait_s=wait_s):
-        result = _cycle(node, offline=offline, do_fetch=True, full_verify=False)
+        try:
+            result = _cycle(node, offline=offline, do_fetch=True, full_verify=False)
+        finally:
+            stop_seeding()  # `once` shares only while it downloads
     if not offline:
         report_now(node)  # after the lock: a slow collector holds up no other command
     return result
@@ -158,6 +162,7 @@ def watch(
                 )
             finally:
                 heartbeat.close()
+                stop_seeding()
     log.info("watch: stopped")
     return 0
 
@@ -184,6 +189,7 @@ def _run(
         due = schedule.due(started)
         result = _locked_cycle(node, due=due, wait_s=wait_s)
         heartbeat.cycle_done(node.settings)  # reports go on their own thread (§9)
+        seed_what_we_keep(node)  # p2p: offer HEAD's and the retained snapshots' blobs
         timing = _timing(node)
         schedule = schedule.after_cycle(
             due=due,

@@ -71,6 +71,16 @@ class Settings:
     self_update: bool = True
     agent_min_version: str = ""
     agent_settle_s: int = 600
+    # Sharing model files over BitTorrent (docs/contract.md §12); off unless turned on.
+    p2p: bool = False  # fetch files that carry ``bt`` from the swarm (web seeds = their mirrors)
+    p2p_seed: bool = True  # while `watch` runs, offer the verified blobs of HEAD and retained
+    p2p_listen: str = "0.0.0.0:6881"  # host:port the swarm listens on (port 0 = any free one)
+    p2p_upload_rate: int = 0  # bytes/s uploaded at most; 0 = no limit
+    p2p_connections: int = 200  # peer connections open at once
+    p2p_peers: tuple[str, ...] = ()  # host:port of peers to connect to (besides discovery)
+    p2p_lsd: bool = True  # local service discovery (multicast on the LAN)
+    p2p_dht: bool = True  # the DHT, when the snapshot's p2p.dht allows it
+    p2p_stall_s: float = 30.0  # seconds without a verified byte before falling back to HTTP
 
     @property
     def effective_podman_url(self) -> str:
@@ -120,10 +130,10 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         kind = str(spec.type)
         try:
-            if "tuple" in kind:
-                values[name] = [item.strip() for item in raw.split(",") if item.strip()]
-            elif "bool" in kind:
+            if "bool" in kind:
                 values[name] = _boolean(raw, name)
+            elif "tuple" in kind:
+                values[name] = [item.strip() for item in raw.split(",") if item.strip()]
             elif "float" in kind:
                 values[name] = float(raw)
             elif "int" in kind:
@@ -177,7 +187,7 @@ def load_settings(
     ):
         _check(layer, source)
         merged.update(layer)
-    for key in ("opt_out_subclouds", "local_mirrors", "cdi_spec_dirs"):
+    for key in ("opt_out_subclouds", "local_mirrors", "cdi_spec_dirs", "p2p_peers"):
         if key in merged:
             merged[key] = tuple(merged[key])
     if merged.get("registry_auth_file"):

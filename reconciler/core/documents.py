@@ -7,6 +7,7 @@ checks a schema cannot express (threshold ≤ key count, keyid = sha256(public),
 
 from __future__ import annotations
 
+import base64
 import calendar
 import hashlib
 import json
@@ -26,6 +27,7 @@ __all__ = [
     "ModelChunks",
     "ModelFile",
     "ModelSpec",
+    "ModelTorrent",
     "Participation",
     "PortMapping",
     "Root",
@@ -187,12 +189,29 @@ class ModelChunks:
 
 
 @dataclass(frozen=True)
+class ModelTorrent:
+    """Optional BitTorrent v1 pieces of a model file (docs/contract.md §12): with the file's
+    size and digest, enough to rebuild its single-file torrent without asking anyone, plus
+    where the snapshot says peers are found (its ``p2p`` object, the same for every file)."""
+
+    piece_length: int
+    pieces: bytes = field(repr=False)  # 20-byte SHA-1 of each piece, in order
+    trackers: tuple[str, ...] = ()
+    dht: bool = False
+
+    @property
+    def piece_count(self) -> int:
+        return len(self.pieces) // 20
+
+
+@dataclass(frozen=True)
 class ModelFile:
     path: str
     size: int
     digest: str
     urls: tuple[str, ...]
     chunks: ModelChunks | None = None
+    bt: ModelTorrent | None = None
 
 
 @dataclass(frozen=True)
@@ -287,7 +306,9 @@ class Snapshot:
 
     @classmethod
     def from_payload(cls, obj: dict[str, Any]) -> Snapshot:
-        models = tuple(_model(m) for m in obj["models"])
+        p2p = obj.get("p2p", {})
+        hints = (tuple(p2p.get("trackers", ())), bool(p2p.get("dht", False)))
+        models = tuple(_model(m, hints) for m in obj["models"])
         ids = [m.id for m in models]
         if len(set(ids)) != len(ids):
             raise ValueError("a model id is listed twice")
@@ -335,7 +356,7 @@ class Snapshot:
         )
 
 
-def _model(obj: dict[str, Any]) -> ModelSpec:
+def _model(obj: dict[str, Any], hints: tuple[tuple[str, ...], bool] = ((), False)) -> ModelSpec:
     return ModelSpec(
         name=obj["name"],
         version=obj["version"],
@@ -346,6 +367,7 @@ def _model(obj: dict[str, Any]) -> ModelSpec:
                 digest=f["digest"],
                 urls=tuple(f["urls"]),
                 chunks=_chunks(f["chunks"]) if "chunks" in f else None,
+                bt=_torrent(f, hints) if "bt" in f else None,
             )
             for f in obj["files"]
         ),
@@ -357,6 +379,20 @@ def _model(obj: dict[str, Any]) -> ModelSpec:
 
 def _chunks(obj: dict[str, Any]) -> ModelChunks:
     return ModelChunks(size=obj["size"], digests=tuple(obj["digests"]))
+
+
+def _torrent(file: dict[str, Any], hints: tuple[tuple[str, ...], bool]) -> ModelTorrent | None:
+    """The file's ``bt`` object, or None when its pieces do not fit its size: such a file is
+    fetched over HTTP as if it had none (the snapshot stays valid)."""
+    obj = file["bt"]
+    try:
+        pieces = base64.b64decode(obj["pieces"], validate=True)
+    except ValueError:
+        return None
+    length = obj["piece_length"]
+    if len(pieces) != 20 * max(1, -(-file["size"] // length)):
+        return None
+    return ModelTorrent(piece_length=length, pieces=pieces, trackers=hints[0], dht=hints[1])
 
 
 def _runtime(obj: dict[str, Any]) -> RuntimeSpec:

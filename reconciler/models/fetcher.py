@@ -8,7 +8,11 @@ missing digest (``concurrency`` large files at a time, files up to ``BATCH_SYNC_
 verified partial to ``BlobFolder.adopt`` and records each failure in the index (a model whose
 bytes failed verification shows as Failed).
 
-What it may not do: contact anything except through ``reconciler.models.download``; start a
+With the node's ``p2p`` setting on, a file that carries BitTorrent pieces goes to
+``swarm_fetch.fetch_through_swarm`` first, and to ``download_file`` only if that declines.
+
+What it may not do: contact anything except through ``reconciler.models.download`` (and,
+with ``p2p`` on, ``reconciler.models.swarm``); start a
 download that cannot fit; keep downloading once one found the disk full (the others would
 only fill it further) or once the caller cancelled.
 """
@@ -46,6 +50,7 @@ from reconciler.models.limits import ConnectionBudget, DownloadLimits
 from reconciler.models.mirrors import add_mirror_totals, mirror_tally
 from reconciler.models.partial import PartsRecord, record_path
 from reconciler.models.progress import ProgressReporter, format_bytes
+from reconciler.models.swarm_fetch import SwarmJob, fetch_through_swarm
 
 __all__ = ["BATCH_SYNC_BYTES", "Fetcher"]
 
@@ -176,6 +181,8 @@ class Fetcher:
         self, file: ModelFile, run: _Run, *, label: str, progress: Callable[[int], None] | None
     ) -> None:
         hex_ = blob_hex(file.digest)
+        if self._from_swarm(file, run, label=label, progress=progress):
+            return
         partial = self._layout.partial_dir / hex_
         try:
             download_file(
@@ -208,6 +215,27 @@ class Fetcher:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 partial.unlink()
+            raise os_failure(exc, f"storing {label}") from exc
+
+    def _from_swarm(
+        self, file: ModelFile, run: _Run, *, label: str, progress: Callable[[int], None] | None
+    ) -> bool:
+        """True when the swarm delivered the verified blob; False: download it over HTTP."""
+        if run.limits.swarm is None or file.bt is None:
+            return False
+        job = SwarmJob(
+            file=file,
+            label=label,
+            base_url=run.base_url,
+            local_mirrors=run.limits.local_mirrors,
+            progress=progress,
+            should_stop=run.should_stop,
+        )
+        try:
+            return fetch_through_swarm(
+                job, options=run.limits.swarm, layout=self._layout, blobs=self._blobs
+            )
+        except OSError as exc:
             raise os_failure(exc, f"storing {label}") from exc
 
     def _record_failure(self, hex_: str, kind: str, exc: ReconcilerError) -> None:

@@ -15,6 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from reconciler.models.swarm import SwarmOptions
+
 if TYPE_CHECKING:
     from reconciler.config.settings import Settings
 
@@ -40,6 +42,9 @@ class DownloadLimits:
     # Bytes held in memory per file beyond the network reads; segments that arrive out of
     # order are written to disk and read back to be hashed, never kept.
     memory_bytes: int = 64 * MIB
+    # Files that carry BitTorrent pieces are fetched from the swarm first (models/swarm.py);
+    # None: the node's p2p setting is off.
+    swarm: SwarmOptions | None = None
 
     def __post_init__(self) -> None:
         if self.connections < 1 or self.connections_per_file < 1:
@@ -57,6 +62,7 @@ class DownloadLimits:
             initial_connections=min(4, settings.download_connections_per_file),
             local_mirrors=settings.local_mirrors,
             memory_bytes=settings.download_memory_bytes,
+            swarm=SwarmOptions.of(settings),
         )
 
     def read_buffer_bytes(self) -> int:

@@ -59,7 +59,9 @@ def collect_garbage(keep: set[str], *, layout: StoreLayout, index: Index, trees:
     with index.lock:
         try:
             removed, freed = _remove_unlinked_blobs(layout, index, keep_hex=keep_hex)
-            for partial in file_entries(layout.partial_dir):
+            # ``partial/`` holds HTTP downloads, ``swarm/`` beside it BitTorrent ones.
+            swarm = file_entries(layout.partial_dir.parent / "swarm")
+            for partial in [*file_entries(layout.partial_dir), *swarm]:
                 # ``<hex>.parts`` is the segment record of the partial ``<hex>``.
                 if partial.name.partition(".")[0] not in keep_hex:
                     partial.unlink(missing_ok=True)

@@ -23,7 +23,8 @@ half-written blob or a half-built tree. A blob shared by models or versions is s
 downloaded once. A converged node costs one ``lstat`` per file and a directory walk per tree;
 no blob is opened (``files_hashed`` counts the files this store read to hash them).
 
-What it may not do: contact anything except through ``reconciler.models.download`` during
+What it may not do: contact anything except through ``reconciler.models.download`` (and,
+with the ``p2p`` setting on, the BitTorrent swarm of ``reconciler.models.swarm``) during
 ``fetch``/``ensure``; write outside ``paths.models`` and ``paths.work``; follow a symlink
 inside a tree; leave an exception of the standard library's unmapped where a project error
 says more (disk full → ``DiskSpaceError``).

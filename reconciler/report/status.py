@@ -81,7 +81,43 @@ def status_report(node: Node, *, now: float | None = None) -> dict[str, Any]:
         "counters": dict(state.counters),
         "report": _report_view(node),
         **host_view(node),  # gpus, cdi, held, participation (docs/contract.md §11)
+        "p2p": _p2p_view(node),
     }
+
+
+def _p2p_view(node: Node) -> dict[str, Any] | None:
+    """What the node's swarm last recorded (docs/contract.md §12); None when p2p is off."""
+    if not node.settings.p2p:
+        return None
+    from reconciler.models.swarm import read_swarm_status
+
+    return read_swarm_status(node.paths.models) or {"state": "not started"}
+
+
+def _p2p_line(view: dict[str, Any]) -> str:
+    fallback = view.get("fallback")
+    state = view.get("state")
+    if state == "not started":
+        return "p2p         on, not started yet (the next download or `watch` starts it)"
+    if state not in ("on", "stopped"):
+        reason = f": {fallback['reason']} ({fallback['at']})" if fallback else ""
+        return f"p2p         {state}, files come over HTTP{reason}"
+    if state == "stopped":
+        return (
+            f"p2p         stopped at {view.get('updated_at')} (starts with the next download "
+            f"or `watch`), {view.get('uploaded_bytes', 0)} B up, "
+            f"{view.get('downloaded_bytes', 0)} B down"
+        )
+    seeding = view.get("seeding")
+    offered = "seeding off" if seeding is None else f"seeding {seeding} blob(s)"
+    line = (
+        f"p2p         on {view.get('listen')}, {offered}, {view.get('uploaded_bytes', 0)} B up, "
+        f"{view.get('downloaded_bytes', 0)} B down, {view.get('hash_failures', 0)} bad "
+        f"piece(s), {view.get('banned_peers', 0)} peer(s) banned"
+    )
+    if fallback:
+        line += f"; last fallback to HTTP: {fallback['reason']} ({fallback['at']})"
+    return line
 
 
 def _hold_view(state: NodeState, head_oid: str | None) -> dict[str, Any]:
@@ -228,6 +264,8 @@ def format_status(report: dict[str, Any]) -> str:
     if report["last_error"] and report["last_error"] != report["last_rejection"]:
         e = report["last_error"]
         lines.append(f"last error  {e['message']} ({e['kind']}, {e['at']})")
+    if report.get("p2p"):
+        lines.append(_p2p_line(report["p2p"]))
     for model in report["models"]:
         reason = f"  {model['reason']}" if model.get("reason") else ""
         lines.append(f"model       {model['id']:<40} {model['state']}{reason}")
