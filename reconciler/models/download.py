@@ -45,6 +45,7 @@ from reconciler.models.layout import digest_hex
 from reconciler.models.limits import ConnectionBudget, DownloadLimits
 from reconciler.models.mirrors import Mirror, MirrorBoard, mirror_tally
 from reconciler.models.partial import discard, record_path
+from reconciler.models.quick import QUICK_BYTES, fetch_whole, timeout_until
 from reconciler.models.segmented import (
     FileTarget,
     RangesRefusedError,
@@ -156,12 +157,7 @@ def download_file(
         stop_at=time.monotonic() + deadline_s,
         connect_timeout_s=connect_timeout_s,
     )
-    if _splittable(size, limits, every_url, base_url=base_url):
-        if spread.run_or_refuse(every_url, base_url=base_url):
-            return
-    elif record_path(dest_partial).exists():
-        discard(dest_partial)  # a segmented partial is not a prefix: start this one afresh
-    spread.one_stream(every_url, base_url=base_url, read_timeout_s=read_timeout_s, durable=durable)
+    spread.fetch(every_url, base_url=base_url, read_timeout_s=read_timeout_s, durable=durable)
 
 
 def _take_slot(
@@ -274,6 +270,65 @@ class _Spread:
     should_stop: Callable[[], bool]
     stop_at: float
     connect_timeout_s: float
+
+    def fetch(
+        self, urls: Sequence[str], *, base_url: str | None, read_timeout_s: float, durable: bool
+    ) -> None:
+        """The file from ``urls``: in one request when small (``quick``), in segments when
+        large enough to split over HTTP mirrors, else in one stream."""
+        target = self.target
+        if target.size <= QUICK_BYTES and not self.should_stop():
+            first = self.quick(
+                urls, base_url=base_url, read_timeout_s=read_timeout_s, durable=durable
+            )
+            if first is None:
+                self.report(target.size)
+                return
+            urls = first  # the mirrors in the order the full path asks them
+        if _splittable(target.size, self.limits, urls, base_url=base_url):
+            if self.run_or_refuse(urls, base_url=base_url):
+                return
+        elif record_path(self.partial).exists():
+            discard(self.partial)  # a segmented partial is not a prefix: start this one afresh
+        self.one_stream(urls, base_url=base_url, read_timeout_s=read_timeout_s, durable=durable)
+
+    def quick(
+        self, urls: Sequence[str], *, base_url: str | None, read_timeout_s: float, durable: bool
+    ) -> list[str] | None:
+        """A small file in one request (``quick.fetch_whole``) on one connection of the
+        budget. None when the partial holds the verified file; else the mirrors for the full
+        path, the one just asked last (a stall is not waited for twice before the others)."""
+        try:
+            url = resolve_url(urls[0], base_url) if urls else ""
+        except ValueError:
+            return list(urls)
+        if urlsplit(url).scheme.lower() not in ("http", "https"):
+            return list(urls)
+        target = self.target
+        _take_slot(
+            self.budget, should_stop=self.should_stop, stop_at=self.stop_at, name=target.label
+        )
+        self.on_connections(1)
+        try:
+            done = fetch_whole(
+                self.client,
+                url=url,
+                dest=self.partial,
+                size=target.size,
+                want=target.want,
+                timeout=timeout_until(
+                    self.stop_at, connect_s=self.connect_timeout_s, read_s=read_timeout_s
+                ),
+                durable=durable,
+            )
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self.partial.unlink()
+            raise _local_error(exc, name=target.label, path=self.partial) from exc
+        finally:
+            self.on_connections(-1)
+            self.budget.give_back()
+        return None if done else [*urls[1:], urls[0]]
 
     def one_stream(
         self, urls: Sequence[str], *, base_url: str | None, read_timeout_s: float, durable: bool
