@@ -188,6 +188,27 @@ def test_stalled_mirror_costs_a_re_request_from_the_other_mirror(
     assert total <= SIZE + 2 * MIB
 
 
+def test_stalls_of_the_only_mirror_never_drop_it_and_the_file_completes(
+    file_server: FileServer, client: httpx.Client, payload: bytes, tmp_path: Path
+) -> None:
+    file_server.write("w.bin", payload)
+    # More stalls in a row than ``mirror_errors``: counted as errors they would drop the
+    # file's only mirror and fail the download.
+    stalls = [Fault(stall_after=64 * 1024)] * (2 * LIMITS.mirror_errors + 1)
+    file_server.faults.queue("w.bin", *stalls)
+    dest = tmp_path / "p"
+    before = mirror_tally().figures()[1].get(mirror_host(file_server.url), 0)
+
+    fetch(client, payload, dest, file_server.url_for("w.bin"))
+
+    assert dest.read_bytes() == payload
+    assert not record_path(dest).exists()
+    assert file_server.stats.requests("w.bin") > len(stalls)  # every stall was asked again
+    # The bytes each stalled request delivered were kept: little was sent twice.
+    assert file_server.stats.body_bytes("w.bin") <= SIZE + 2 * MIB
+    assert mirror_tally().figures()[1].get(mirror_host(file_server.url), 0) == before
+
+
 def test_wrong_bytes_in_one_chunk_cost_only_that_chunk(
     file_server: FileServer, client: httpx.Client, payload: bytes, tmp_path: Path
 ) -> None:

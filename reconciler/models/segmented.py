@@ -86,10 +86,13 @@ class WrongBytesError(Exception):
 class _RequestError(Exception):
     """One request failed; ``drop`` when the mirror must not be asked again for this file."""
 
-    def __init__(self, reason: str, *, drop: bool = False, wrong: bool = False) -> None:
+    def __init__(
+        self, reason: str, *, drop: bool = False, wrong: bool = False, stalled: bool = False
+    ) -> None:
         super().__init__(reason)
         self.drop = drop
-        self.wrong = wrong  # the bytes failed a chunk digest, or the mirror stalled
+        self.wrong = wrong  # the bytes failed a chunk digest
+        self.stalled = stalled  # the mirror stopped sending (read timeout or watchdog cut)
 
 
 class _NoRangesError(Exception):
@@ -355,6 +358,7 @@ class SegmentedDownload:
                 seconds=time.monotonic() - started,
                 drop=exc.drop,
                 wrong=exc.wrong,
+                stalled=exc.stalled,
             )
             with self._lock:
                 self._failures.append(f"{mirror.shown}: {exc}")
@@ -391,7 +395,7 @@ class SegmentedDownload:
                     self._plan.receiving(segment, None, 0.0)
         except httpx.TimeoutException as exc:
             # A stall counts against the mirror even after bytes came: it stopped making any.
-            raise _RequestError(f"timed out ({timeout_kind(exc)})", wrong=True) from exc
+            raise _RequestError(f"timed out ({timeout_kind(exc)})", stalled=True) from exc
         except httpx.TooManyRedirects as exc:
             raise _RequestError("too many redirects", drop=True) from exc
         except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
@@ -500,7 +504,7 @@ def _quiet_s(board: MirrorBoard, limits: DownloadLimits) -> float:
 
 def _silent(segment: Segment) -> _RequestError:
     """The watchdog cut the request: a stall, as the read timeout would have found later."""
-    return _RequestError(segment.cancelled or "stalled", wrong=True)
+    return _RequestError(segment.cancelled or "stalled", stalled=True)
 
 
 def _is_slow(segment: Segment, board: MirrorBoard, *, quiet_s: float) -> bool:
