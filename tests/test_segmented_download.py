@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -29,7 +30,7 @@ from bench.nginx_origin import NginxOrigin, start_nginx
 from reconciler.cli import cli
 from reconciler.config.settings import Settings
 from reconciler.core.documents import ModelChunks, ModelFile, ModelSpec, Snapshot
-from reconciler.core.errors import HashMismatchError, SettingsError
+from reconciler.core.errors import DownloadError, HashMismatchError, SettingsError
 from reconciler.core.paths import NodePaths
 from reconciler.history.node import Node
 from reconciler.models.download import download_file, new_client
@@ -340,6 +341,49 @@ def test_bytes_and_errors_per_mirror_add_up_over_fetches_and_reach_the_metrics(
 
 
 # ---------------------------------------------------------------------- resume
+
+
+def test_mirror_gone_at_half_then_the_next_pass_is_sent_only_what_was_missing(
+    file_server: FileServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    data = os.urandom(24 * MIB + 4321)
+    file_server.write("w.bin", data)
+    file = ModelFile(path="w.bin", size=len(data), digest=digest(data), urls=("w.bin",))
+    model = ModelSpec(name="gone", version="v1", files=(file,))
+    # A stall bound long enough that a busy host does not make a segment look slow.
+    limits = replace(LIMITS, piece_bytes=4 * MIB, connections_per_file=8, stall_s=3.0)
+    state = tmp_path / "state"
+    partial = state / "work" / "models" / "partial" / file.digest.removeprefix("sha256:")
+
+    # The mirror refuses every new request once half the file is out; requests running
+    # then finish, the pass fails and keeps its partial and record.
+    def go_away() -> None:
+        while file_server.stats.body_bytes("w.bin") < len(data) // 2:
+            time.sleep(0.001)
+        file_server.faults.set("w.bin", status=503)
+
+    watcher = threading.Thread(target=go_away, daemon=True)
+    watcher.start()
+    store = ModelStore(NodePaths(state))
+    with pytest.raises(DownloadError):
+        store.ensure([model], client=client, base_url=file_server.url, limits=limits)
+    watcher.join()
+    record = PartsRecord.load(record_path(partial))
+    assert record is not None
+    missing = len(data) - sum(e - s for s, e in record.written)
+    assert 0 < missing < len(data)
+    file_server.faults.clear("w.bin")
+    file_server.stats.reset()
+
+    store.ensure([model], client=client, base_url=file_server.url, limits=limits)
+
+    assert (store.tree_path(model) / "w.bin").read_bytes() == data
+    index = json.loads((state / "models" / ".index.json").read_text())
+    assert file.digest.removeprefix("sha256:") in index["blobs"]
+    # No range was split while running (a cut connection throws away what the mirror had
+    # already pushed into it): what was sent is what was missing, within 1 %.
+    assert file_server.stats.body_bytes("w.bin") <= missing * 1.01
+
 
 _CHILD = """
 import sys, time

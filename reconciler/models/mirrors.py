@@ -6,7 +6,8 @@ Where it sits: the segmented download (``reconciler.models.segmented``) asks its
 mirrors get more segments (each new segment goes to the mirror with the best expected rate per
 connection in use); local mirrors are preferred while they work; a mirror that fails
 ``mirror_errors`` times in a row, answers with a permanent refusal (403, 404, 410) or serves
-wrong bytes is dropped for this file; a stall counts only while another mirror could take
+wrong bytes is dropped for this file (the only mirror after ``mirror_errors`` wrong answers);
+a stall counts only while another mirror could take
 over (the file's only mirror is asked again, within the file's deadline). A mirror that answers
 a ``Range`` request with the whole file is kept only for whole-file downloads.
 
@@ -135,11 +136,11 @@ class MirrorBoard:
             clean = got > 0 and not (wrong or stalled)
             mirror.errors_in_row = 0 if clean else mirror.errors_in_row + 1
             mirror.wrong_answers += wrong
-            if (
-                drop
-                or mirror.errors_in_row >= self._max_errors
-                or mirror.wrong_answers >= self._max_errors
-            ):
+            # Bytes that failed a digest: while another mirror can serve, nothing more from
+            # this one; the only mirror gets ``mirror_errors`` chances (a chunk may have been
+            # damaged on the way).
+            wrong_out = wrong and (self._others(mirror) or mirror.wrong_answers >= self._max_errors)
+            if drop or wrong_out or mirror.errors_in_row >= self._max_errors:
                 mirror.dropped = reason
         mirror_tally().error(mirror.url)
 

@@ -209,6 +209,7 @@ class SegmentedDownload:
             piece_bytes=-(-piece // align) * align,
             min_split=limits.min_split_bytes,
             align=align,
+            connections=limits.connections_per_file,
         )
         self._prefix = PrefixHash(
             self._fd, size=target.size, read_bytes=limits.read_buffer_bytes(), kept=kept

@@ -1,5 +1,6 @@
-"""Which bytes of a file each connection fetches next: pieces in file order, then halves of
-the largest segment still running, so that no connection idles while another has far to go.
+"""Which bytes of a file each connection fetches next: pieces in file order, smaller as the
+file nears its end, then halves of the largest segment still running, so that no connection
+idles while another has far to go.
 
 Where it sits: the segmented download (``reconciler.models.segmented``) asks its
 ``SegmentPlan`` for a segment whenever a connection is free, reports each network read
@@ -47,13 +48,21 @@ class SegmentPlan:
     """The bytes of one file still to fetch, and the segments being fetched."""
 
     def __init__(
-        self, *, size: int, kept: ByteRanges, piece_bytes: int, min_split: int, align: int
+        self,
+        *,
+        size: int,
+        kept: ByteRanges,
+        piece_bytes: int,
+        min_split: int,
+        align: int,
+        connections: int = 1,
     ) -> None:
         self.size = size
         self.todo = kept.complement(size)
         self.active: list[Segment] = []
         self._piece = piece_bytes
         self._min_split = min_split
+        self._connections = max(1, connections)
         self._align = max(1, align)
         self.last_read_at = 0.0  # when any segment last received a byte
         self.lock = threading.Lock()
@@ -64,12 +73,20 @@ class SegmentPlan:
             first = self.todo.first()
             if first is not None:
                 start, gap_end = first
-                end = min(gap_end, self._aligned(start + self._piece))
+                end = min(gap_end, self._aligned(start + self._piece_now()))
                 self.todo.remove(start, end)
                 segment = Segment(start, start, end, start, now)
                 self.active.append(segment)
                 return segment
             return self._split(now, slow=slow)
+
+    def _piece_now(self) -> int:
+        """Pieces shrink as the bytes left to hand out do (down to ``min_split``), so that
+        the last requests of a file end close together without splitting a running one: a
+        split costs what the cut connection already holds in flight (socket buffers, sent
+        by the mirror and thrown away), a smaller piece only a request."""
+        share = self.todo.total() // (2 * self._connections)
+        return max(self._min_split, min(self._piece, share))
 
     def _split(self, now: float, *, slow: Callable[[Segment], bool]) -> Segment | None:
         best: Segment | None = None
