@@ -241,14 +241,8 @@ class SegmentedDownload:
 
     def _check_stop(self, now: float) -> None:
         assert self._plan is not None
-        reason = (
-            "cancelled"
-            if self._should_stop()
-            else "deadline of the download passed"
-            if now >= self._stop_at
-            else "local error"
-            if self._local_error is not None
-            else None
+        reason = _stop_reason(
+            cancelled=self._should_stop(), late=now >= self._stop_at, local=self._local_error
         )
         if reason is not None:
             self._stopped = reason
@@ -494,6 +488,15 @@ class _Checkpoints:
         self._recorded_at, self._recorded_bytes = now, received
         if durable:
             self._synced_at = now
+
+
+def _stop_reason(*, cancelled: bool, late: bool, local: OSError | None) -> str | None:
+    """Why every request of the file must stop now, or None."""
+    if cancelled:
+        return "cancelled"
+    if late:
+        return "deadline of the download passed"
+    return "local error" if local is not None else None
 
 
 def _quiet_s(board: MirrorBoard, limits: DownloadLimits) -> float:
