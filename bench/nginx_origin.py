@@ -30,7 +30,7 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 512; }}
 http {{
-  log_format sent '$status $body_bytes_sent "$http_range"';
+  log_format sent '$status $body_bytes_sent "$http_range" $connection';
   {access_log}
   sendfile on;
   tcp_nopush on;
@@ -65,9 +65,17 @@ class NginxOrigin:
             return []
         rows = []
         for line in lines:
-            status, sent, asked = line.split(" ", 2)
+            status, sent, asked = line.rsplit(" ", 1)[0].split(" ", 2)
             rows.append((int(status), int(sent), asked.strip('"')))
         return rows
+
+    def connections(self) -> set[int]:
+        """The serial numbers of the TCP connections the logged requests came on."""
+        try:
+            lines = self._log.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return set()
+        return {int(line.rsplit(" ", 1)[1]) for line in lines}
 
     def body_bytes_sent(self) -> int:
         return sum(sent for _status, sent, _range in self.requests())

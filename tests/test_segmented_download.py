@@ -110,6 +110,31 @@ def fetch(
 # --------------------------------------------------------------- the fast path
 
 
+def test_many_small_files_come_over_a_few_kept_alive_connections_into_the_index(
+    nginx: NginxOrigin, client: httpx.Client, tmp_path: Path
+) -> None:
+    contents = {f"s/{i:03d}.bin": os.urandom(1024 + 97 * i) for i in range(120)}
+    files = []
+    for path, data in contents.items():
+        (nginx.root / path).parent.mkdir(parents=True, exist_ok=True)
+        (nginx.root / path).write_bytes(data)
+        files.append(ModelFile(path=path, size=len(data), digest=digest(data), urls=(path,)))
+    model = ModelSpec(name="small", version="v1", files=tuple(files))
+    state = tmp_path / "state"
+    store = ModelStore(NodePaths(state))
+
+    store.ensure([model], client=client, base_url=nginx.url, concurrency=4)
+
+    tree = store.tree_path(model)
+    assert all((tree / path).read_bytes() == data for path, data in contents.items())
+    index = json.loads((state / "models" / ".index.json").read_text())
+    assert {f.digest.removeprefix("sha256:") for f in files} <= index["blobs"].keys()
+    assert not list((state / "work" / "models" / "partial").iterdir())
+    # One request per file, on connections kept alive: not one connection per file.
+    assert [status for status, _sent, _range in nginx.requests()] == [200] * len(files)
+    assert len(nginx.connections()) <= 8
+
+
 def test_capped_nginx_is_beaten_by_several_connections_and_the_store_records_it(
     nginx: NginxOrigin, client: httpx.Client, payload: bytes, tmp_path: Path
 ) -> None:
