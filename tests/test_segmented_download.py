@@ -313,6 +313,28 @@ def test_connections_closed_at_random_still_give_the_exact_file(
     assert errors >= 1
 
 
+def test_a_cut_mid_chunk_keeps_what_arrived_and_asks_only_for_the_rest(
+    file_server: FileServer, client: httpx.Client, payload: bytes, tmp_path: Path
+) -> None:
+    chunk = 1 * MIB
+    file_server.write("w.bin", payload)
+    # Two requests cut inside their first chunk: what they got waits on disk for its digest.
+    file_server.faults.queue("w.bin", Fault(cut_after=300_000), Fault(cut_after=700_000))
+    dest = tmp_path / "p"
+    limits = replace(LIMITS, stall_s=3.0)  # no segment looks slow on a busy host
+
+    deltas = fetch(client, payload, dest, file_server.url_for("w.bin"), limits=limits, chunk=chunk)
+
+    assert dest.read_bytes() == payload
+    assert not record_path(dest).exists()
+    assert min(deltas) >= 0  # nothing received was thrown away
+    # The 1,000,000 bytes the cut requests got were not asked again (the rest of each chunk
+    # was, and hashed with its head read back from disk).
+    assert file_server.stats.body_bytes("w.bin") <= SIZE + 200_000
+    starts = [int(h["range"][6:].split("-")[0]) for h in file_server.stats.headers("w.bin")]
+    assert {300_000, 700_000} <= {at % chunk for at in starts}  # each cut's rest, asked alone
+
+
 def test_store_passes_chunk_digests_from_the_snapshot(
     file_server: FileServer, client: httpx.Client, payload: bytes, tmp_path: Path
 ) -> None:

@@ -87,12 +87,21 @@ class _RequestError(Exception):
     """One request failed; ``drop`` when the mirror must not be asked again for this file."""
 
     def __init__(
-        self, reason: str, *, drop: bool = False, wrong: bool = False, stalled: bool = False
+        self,
+        reason: str,
+        *,
+        drop: bool = False,
+        wrong: bool = False,
+        stalled: bool = False,
+        discard: bool = False,
     ) -> None:
         super().__init__(reason)
         self.drop = drop
         self.wrong = wrong  # the bytes failed a chunk digest
         self.stalled = stalled  # the mirror stopped sending (read timeout or watchdog cut)
+        # The bytes received are not to be kept (wrong, or in a chunk that failed its digest
+        # while an earlier request sent its head: which mirror erred is not known).
+        self.discard = discard or wrong
 
 
 class _NoRangesError(Exception):
@@ -357,7 +366,7 @@ class SegmentedDownload:
             )
             with self._lock:
                 self._failures.append(f"{mirror.shown}: {exc}")
-            self._report(-self._plan.release(segment))
+            self._report(-self._plan.release(segment, keep=not exc.discard))
             return mirror
         self._board.done(mirror, got=segment.pos - before, seconds=time.monotonic() - started)
         if segment.pos < segment.end and segment.cancelled is None:
@@ -379,7 +388,8 @@ class SegmentedDownload:
             ) as response:
                 _accept(response, asked, size=self._target.size)
                 self._board.ranges_work(mirror)
-                checker = _ChunkChecker(self._target, segment.pos)
+                checker = _ChunkChecker(self._target, segment.verified)
+                checker.preload(self._fd, segment.pos, self._limits.read_buffer_bytes())
                 self._plan.receiving(segment, connection_cutter(response), time.monotonic())
                 try:
                     for data in response.iter_raw():
@@ -608,6 +618,20 @@ class _ChunkChecker:
         self._start = start
         self._hash = hashlib.sha256()
         self._have = 0
+        self._mixed = False  # the current chunk's head was read back (an earlier request's)
+
+    def preload(self, fd: int, upto: int, read_bytes: int) -> None:
+        """Hash the bytes ``[start, upto)`` an earlier, cut request left on disk: the head of
+        the chunk this request completes."""
+        at = self._start
+        while self.active and at < upto:
+            data = os.pread(fd, min(read_bytes, upto - at), at)
+            if not data:
+                raise OSError(f"partial file shorter than its kept bytes (at byte {at})")
+            self._hash.update(data)
+            at += len(data)
+            self._have += len(data)
+            self._mixed = True
 
     def feed(self, view: memoryview) -> list[tuple[int, int]]:
         done: list[tuple[int, int]] = []
@@ -621,7 +645,10 @@ class _ChunkChecker:
             if self._start + self._have < end:
                 break
             if self._hash.hexdigest() != self._target.chunk_digests[index]:
+                if self._mixed:
+                    raise _RequestError(f"chunk {index} failed its digest", discard=True)
                 raise _RequestError(f"chunk {index} failed its digest", wrong=True)
             done.append((self._start, end))
             self._start, self._have, self._hash = end, 0, hashlib.sha256()
+            self._mixed = False
         return done

@@ -29,7 +29,8 @@ SLOW_SPLIT_BYTES = 256 * 1024  # the smallest tail taken from a segment on a slo
 @dataclass(eq=False)
 class Segment:
     """One request's bytes: ``[start, end)``, of which ``[start, pos)`` have arrived and
-    ``[verified, pos)`` wait for their chunk's digest (plain files: ``verified == pos``)."""
+    ``[verified, pos)`` wait for their chunk's digest (plain files: ``verified == pos``).
+    ``verified`` may start before ``start``: the chunk's head came with an earlier request."""
 
     start: int
     pos: int
@@ -63,6 +64,9 @@ class SegmentPlan:
         self._piece = piece_bytes
         self._min_split = min_split
         self._connections = max(1, connections)
+        # Gaps whose first bytes follow ones on disk that wait for their chunk's digest: the
+        # gap's start → where that chunk starts (a cut request's tail, kept, not asked again).
+        self._pending: dict[int, int] = {}
         self._align = max(1, align)
         self.last_read_at = 0.0  # when any segment last received a byte
         self.lock = threading.Lock()
@@ -75,7 +79,7 @@ class SegmentPlan:
                 start, gap_end = first
                 end = min(gap_end, self._aligned(start + self._piece_now()))
                 self.todo.remove(start, end)
-                segment = Segment(start, start, end, start, now)
+                segment = Segment(start, start, end, self._pending.pop(start, start), now)
                 self.active.append(segment)
                 return segment
             return self._split(now, slow=slow)
@@ -132,12 +136,18 @@ class SegmentPlan:
         with self.lock:
             return segment.pos >= segment.end or segment.cancelled is not None
 
-    def release(self, segment: Segment) -> int:
-        """End a segment: its unverified bytes go back to the plan. Returns how many bytes
-        that threw away (received but never verified)."""
+    def release(self, segment: Segment, *, keep: bool = True) -> int:
+        """End a segment: the bytes it did not receive go back to the plan. Those received but
+        not yet verified (the head of a chunk) stay on disk when ``keep``, for the request that
+        takes the rest of the chunk; without ``keep`` (they failed a digest) they go back too.
+        Returns how many bytes that threw away."""
         with self.lock:
             if segment in self.active:
                 self.active.remove(segment)
+            if keep and segment.verified < segment.pos < segment.end:
+                self.todo.add(segment.pos, segment.end)
+                self._pending[segment.pos] = segment.verified
+                return 0
             wasted = segment.pos - segment.verified
             if segment.verified < segment.end:
                 self.todo.add(segment.verified, segment.end)
