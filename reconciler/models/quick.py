@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,11 +28,21 @@ import httpx
 from reconciler.models.mirrors import mirror_tally
 from reconciler.models.wire import content_length
 
-__all__ = ["QUICK_BYTES", "fetch_whole", "timeout_until"]
+__all__ = ["QUICK_BYTES", "Whole", "fetch_whole", "timeout_until"]
 
 QUICK_BYTES = 2 * 1024 * 1024  # files up to this size are held in memory until verified
 _HEADERS = {"Accept-Encoding": "identity"}
 _DONE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Whole:
+    """How the one request went: ``done`` (the partial holds the verified file), else the
+    answer of a mirror that refused the request's credentials (401, 403: asking it again for
+    this file would not change that), else nothing to say (the full path takes over)."""
+
+    done: bool
+    refusal: httpx.Response | None = None
 
 
 def fetch_whole(
@@ -43,8 +54,8 @@ def fetch_whole(
     want: str,
     timeout: httpx.Timeout,
     durable: bool,
-) -> bool:
-    """One GET of ``url``; True when ``dest`` holds its body, exactly the declared file.
+) -> Whole:
+    """One GET of ``url``; done when ``dest`` holds its body, exactly the declared file.
     ``OSError`` from writing ``dest`` propagates (the caller maps disk full)."""
     digest = hashlib.sha256()
     chunks: list[bytes] = []
@@ -55,7 +66,8 @@ def fetch_whole(
         ) as response:
             if not _plain_whole(response, size):
                 _count(url, got=0, failed=response.status_code != 200)
-                return False
+                refused = response.status_code in (401, 403)
+                return Whole(done=False, refusal=response if refused else None)
             for data in response.iter_raw():
                 got += len(data)
                 if got > size:
@@ -64,12 +76,15 @@ def fetch_whole(
                 chunks.append(data)
     except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError):
         _count(url, got=got, failed=True)
-        return False
+        return _MISSED
     _count(url, got=got, failed=False)
     if got != size or digest.hexdigest() != want:
-        return False  # the full path asks again and says what is wrong
+        return _MISSED  # the full path asks again and says what is wrong
     _write(dest, chunks, durable=durable)
-    return True
+    return Whole(done=True)
+
+
+_MISSED = Whole(done=False)
 
 
 def timeout_until(stop_at: float, *, connect_s: float, read_s: float) -> httpx.Timeout:
