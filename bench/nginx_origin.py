@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 512; }}
 http {{
-  log_format sent '$status $body_bytes_sent "$http_range"';
+  log_format sent '$status $body_bytes_sent "$http_range" $connection';
   {access_log}
   sendfile on;
   tcp_nopush on;
@@ -45,6 +46,10 @@ http {{
   server {{ listen 127.0.0.1:{port}; root {root}; {limit} }}
 }}
 """
+
+
+# A line of the ``sent`` log format; configs written elsewhere may lack the connection.
+_LOGGED = re.compile(r'^(?P<status>\d+) (?P<sent>\d+) "(?P<range>[^"]*)"(?: (?P<connection>\d+))?$')
 
 
 class NginxOrigin:
@@ -65,9 +70,19 @@ class NginxOrigin:
             return []
         rows = []
         for line in lines:
-            status, sent, asked = line.split(" ", 2)
-            rows.append((int(status), int(sent), asked.strip('"')))
+            found = _LOGGED.match(line)
+            if found is not None:
+                rows.append((int(found["status"]), int(found["sent"]), found["range"]))
         return rows
+
+    def connections(self) -> set[int]:
+        """The serial numbers of the TCP connections the logged requests came on."""
+        try:
+            lines = self._log.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return set()
+        found = (_LOGGED.match(line) for line in lines)
+        return {int(f["connection"]) for f in found if f is not None and f["connection"]}
 
     def body_bytes_sent(self) -> int:
         return sum(sent for _status, sent, _range in self.requests())

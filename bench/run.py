@@ -43,6 +43,7 @@ BENCHMARKS = (
     "segmented",
     "dedupe",
     "resume",
+    "once_model",
     "many_files",
     "noop",
     "watch_memory",

@@ -9,5 +9,12 @@ keys) → ``core``, the pure core (documents, trust, specs, plans, the node reco
 are enforced by import-linter (``.importlinter``).
 """
 
+import sys
+
 __version__ = "0.1.0"
 __all__ = ["__version__"]
+
+# httpx imports its command-line client (click, rich, pygments: ~60 ms) when it is imported,
+# for a ``httpx`` command the agent never runs; with that module blocked httpx installs its
+# stand-in. Every ``reconcile`` process and every model install pays the import otherwise.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]

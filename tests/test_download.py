@@ -595,3 +595,112 @@ def test_file_server_closes_promptly_with_stalled_clients(tmp_path: Path) -> Non
     assert not any(t.is_alive() for t in threads)
     # The stalled request fails; the endless body has no length, so its end is a close.
     assert len(errors) == 1
+
+
+# ----------------------------------------------- small files: one request, in memory
+
+
+SMALL = 64 * 1024 + 5  # one request, verified in memory before anything is written
+
+
+def test_small_file_is_one_request_written_once_verified(
+    file_server: FileServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    data = os.urandom(SMALL)
+    file_server.write("s.bin", data)
+    progress = Progress()
+
+    fetch(client, data, tmp_path / "p", file_server.url_for("s.bin"), progress=progress)
+
+    assert (tmp_path / "p").read_bytes() == data
+    assert file_server.stats.requests("s.bin") == 1
+    assert progress.deltas == [SMALL]
+
+
+def test_small_file_whose_first_mirror_stalls_comes_from_the_next_after_one_wait(
+    file_server: FileServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    data = os.urandom(SMALL)
+    file_server.write("a/s.bin", data)
+    file_server.write("b/s.bin", data)
+    file_server.faults.set("a/s.bin", stall_after=1000)
+    started = time.monotonic()
+
+    fetch(
+        client,
+        data,
+        tmp_path / "p",
+        file_server.url_for("a/s.bin"),
+        file_server.url_for("b/s.bin"),
+        read_timeout_s=1.0,
+    )
+
+    assert (tmp_path / "p").read_bytes() == data
+    assert time.monotonic() - started < 1.0 + 1.5  # one stall waited for, not two
+    assert file_server.stats.requests("b/s.bin") == 1
+
+
+def test_small_file_with_wrong_bytes_first_is_taken_from_the_good_mirror(
+    file_server: FileServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    data = os.urandom(SMALL)
+    file_server.write("good/s.bin", data)
+    file_server.faults.set("bad/s.bin", body=os.urandom(SMALL))
+
+    fetch(
+        client,
+        data,
+        tmp_path / "p",
+        file_server.url_for("bad/s.bin"),
+        file_server.url_for("good/s.bin"),
+    )
+
+    assert (tmp_path / "p").read_bytes() == data
+    assert file_server.stats.requests("bad/s.bin") == 1  # the full path asked the good one first
+
+
+def test_small_file_cut_on_its_only_mirror_is_asked_again_and_completes(
+    file_server: FileServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    data = os.urandom(SMALL)
+    file_server.write("s.bin", data)
+    file_server.faults.queue("s.bin", Fault(cut_after=10_000))
+
+    fetch(client, data, tmp_path / "p", file_server.url_for("s.bin"))
+
+    assert (tmp_path / "p").read_bytes() == data
+    assert file_server.stats.requests("s.bin") == 2
+
+
+def test_small_file_only_mirror_with_wrong_bytes_is_a_mismatch_leaving_nothing(
+    file_server: FileServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    data = os.urandom(SMALL)
+    file_server.faults.set("s.bin", body=os.urandom(SMALL))
+
+    with pytest.raises(HashMismatchError, match="digest mismatch"):
+        fetch(client, data, tmp_path / "p", file_server.url_for("s.bin"))
+
+    assert not (tmp_path / "p").exists()
+
+
+def test_small_file_refused_by_its_mirror_is_asked_once_and_the_next_mirror_serves(
+    file_server: FileServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    data = os.urandom(SMALL)
+    file_server.write("ok/s.bin", data)
+    file_server.faults.set("gated/s.bin", status=403)
+
+    with pytest.raises(DownloadError, match="403"):
+        fetch(client, data, tmp_path / "alone", file_server.url_for("gated/s.bin"))
+    fetch(
+        client,
+        data,
+        tmp_path / "p",
+        file_server.url_for("gated/s.bin"),
+        file_server.url_for("ok/s.bin"),
+    )
+
+    assert (tmp_path / "p").read_bytes() == data
+    assert file_server.stats.requests("gated/s.bin") == 2  # once per file, never again
+    assert not (tmp_path / "alone").exists()

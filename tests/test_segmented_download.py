@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -29,7 +30,7 @@ from bench.nginx_origin import NginxOrigin, start_nginx
 from reconciler.cli import cli
 from reconciler.config.settings import Settings
 from reconciler.core.documents import ModelChunks, ModelFile, ModelSpec, Snapshot
-from reconciler.core.errors import HashMismatchError, SettingsError
+from reconciler.core.errors import DownloadError, HashMismatchError, SettingsError
 from reconciler.core.paths import NodePaths
 from reconciler.history.node import Node
 from reconciler.models.download import download_file, new_client
@@ -107,6 +108,31 @@ def fetch(
 
 
 # --------------------------------------------------------------- the fast path
+
+
+def test_many_small_files_come_over_a_few_kept_alive_connections_into_the_index(
+    nginx: NginxOrigin, client: httpx.Client, tmp_path: Path
+) -> None:
+    contents = {f"s/{i:03d}.bin": os.urandom(1024 + 97 * i) for i in range(120)}
+    files = []
+    for path, data in contents.items():
+        (nginx.root / path).parent.mkdir(parents=True, exist_ok=True)
+        (nginx.root / path).write_bytes(data)
+        files.append(ModelFile(path=path, size=len(data), digest=digest(data), urls=(path,)))
+    model = ModelSpec(name="small", version="v1", files=tuple(files))
+    state = tmp_path / "state"
+    store = ModelStore(NodePaths(state))
+
+    store.ensure([model], client=client, base_url=nginx.url, concurrency=4)
+
+    tree = store.tree_path(model)
+    assert all((tree / path).read_bytes() == data for path, data in contents.items())
+    index = json.loads((state / "models" / ".index.json").read_text())
+    assert {f.digest.removeprefix("sha256:") for f in files} <= index["blobs"].keys()
+    assert not list((state / "work" / "models" / "partial").iterdir())
+    # One request per file, on connections kept alive: not one connection per file.
+    assert [status for status, _sent, _range in nginx.requests()] == [200] * len(files)
+    assert len(nginx.connections()) <= 8
 
 
 def test_capped_nginx_is_beaten_by_several_connections_and_the_store_records_it(
@@ -188,6 +214,27 @@ def test_stalled_mirror_costs_a_re_request_from_the_other_mirror(
     assert total <= SIZE + 2 * MIB
 
 
+def test_stalls_of_the_only_mirror_never_drop_it_and_the_file_completes(
+    file_server: FileServer, client: httpx.Client, payload: bytes, tmp_path: Path
+) -> None:
+    file_server.write("w.bin", payload)
+    # More stalls in a row than ``mirror_errors``: counted as errors they would drop the
+    # file's only mirror and fail the download.
+    stalls = [Fault(stall_after=64 * 1024)] * (2 * LIMITS.mirror_errors + 1)
+    file_server.faults.queue("w.bin", *stalls)
+    dest = tmp_path / "p"
+    before = mirror_tally().figures()[1].get(mirror_host(file_server.url), 0)
+
+    fetch(client, payload, dest, file_server.url_for("w.bin"))
+
+    assert dest.read_bytes() == payload
+    assert not record_path(dest).exists()
+    assert file_server.stats.requests("w.bin") > len(stalls)  # every stall was asked again
+    # The bytes each stalled request delivered were kept: little was sent twice.
+    assert file_server.stats.body_bytes("w.bin") <= SIZE + 2 * MIB
+    assert mirror_tally().figures()[1].get(mirror_host(file_server.url), 0) == before
+
+
 def test_wrong_bytes_in_one_chunk_cost_only_that_chunk(
     file_server: FileServer, client: httpx.Client, payload: bytes, tmp_path: Path
 ) -> None:
@@ -266,6 +313,29 @@ def test_connections_closed_at_random_still_give_the_exact_file(
     assert errors >= 1
 
 
+def test_a_cut_mid_chunk_keeps_what_arrived_and_asks_only_for_the_rest(
+    file_server: FileServer, client: httpx.Client, payload: bytes, tmp_path: Path
+) -> None:
+    chunk = 1 * MIB
+    file_server.write("w.bin", payload)
+    # Two requests cut inside their first chunk: what they got waits on disk for its digest.
+    file_server.faults.queue("w.bin", Fault(cut_after=300_000), Fault(cut_after=700_000))
+    dest = tmp_path / "p"
+    limits = replace(LIMITS, stall_s=3.0)  # no segment looks slow on a busy host
+
+    deltas = fetch(client, payload, dest, file_server.url_for("w.bin"), limits=limits, chunk=chunk)
+
+    assert dest.read_bytes() == payload
+    assert not record_path(dest).exists()
+    assert min(deltas) >= 0  # nothing received was thrown away
+    # The 1,000,000 bytes the cut requests got were not asked again (the rest of each chunk
+    # was, and hashed with its head read back from disk).
+    assert file_server.stats.body_bytes("w.bin") <= SIZE + 200_000
+    starts = [int(h["range"][6:].split("-")[0]) for h in file_server.stats.headers("w.bin")]
+    # Each cut's rest was asked from where its bytes stopped, not from its chunk's start.
+    assert sum(1 for at in starts if at % chunk) >= 2
+
+
 def test_store_passes_chunk_digests_from_the_snapshot(
     file_server: FileServer, client: httpx.Client, payload: bytes, tmp_path: Path
 ) -> None:
@@ -319,6 +389,49 @@ def test_bytes_and_errors_per_mirror_add_up_over_fetches_and_reach_the_metrics(
 
 
 # ---------------------------------------------------------------------- resume
+
+
+def test_mirror_gone_at_half_then_the_next_pass_is_sent_only_what_was_missing(
+    file_server: FileServer, client: httpx.Client, tmp_path: Path
+) -> None:
+    data = os.urandom(24 * MIB + 4321)
+    file_server.write("w.bin", data)
+    file = ModelFile(path="w.bin", size=len(data), digest=digest(data), urls=("w.bin",))
+    model = ModelSpec(name="gone", version="v1", files=(file,))
+    # A stall bound long enough that a busy host does not make a segment look slow.
+    limits = replace(LIMITS, piece_bytes=4 * MIB, connections_per_file=8, stall_s=3.0)
+    state = tmp_path / "state"
+    partial = state / "work" / "models" / "partial" / file.digest.removeprefix("sha256:")
+
+    # The mirror refuses every new request once half the file is out; requests running
+    # then finish, the pass fails and keeps its partial and record.
+    def go_away() -> None:
+        while file_server.stats.body_bytes("w.bin") < len(data) // 2:
+            time.sleep(0.001)
+        file_server.faults.set("w.bin", status=503)
+
+    watcher = threading.Thread(target=go_away, daemon=True)
+    watcher.start()
+    store = ModelStore(NodePaths(state))
+    with pytest.raises(DownloadError):
+        store.ensure([model], client=client, base_url=file_server.url, limits=limits)
+    watcher.join()
+    record = PartsRecord.load(record_path(partial))
+    assert record is not None
+    missing = len(data) - sum(e - s for s, e in record.written)
+    assert 0 < missing < len(data)
+    file_server.faults.clear("w.bin")
+    file_server.stats.reset()
+
+    store.ensure([model], client=client, base_url=file_server.url, limits=limits)
+
+    assert (store.tree_path(model) / "w.bin").read_bytes() == data
+    index = json.loads((state / "models" / ".index.json").read_text())
+    assert file.digest.removeprefix("sha256:") in index["blobs"]
+    # No range was split while running (a cut connection throws away what the mirror had
+    # already pushed into it): what was sent is what was missing, within 1 %.
+    assert file_server.stats.body_bytes("w.bin") <= missing * 1.01
+
 
 _CHILD = """
 import sys, time

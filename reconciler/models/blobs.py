@@ -126,7 +126,7 @@ class BlobFolder:
             contents = index.contents()
             contents.blobs[hex_] = BlobRecord.now(st)
             contents.failures.pop(hex_, None)
-            index.note_change()
+        index.note_change()  # outside the lock: a save it starts blocks no other download
 
 
 def file_entries(folder: Path) -> list[Path]:

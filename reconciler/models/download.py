@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urljoin, urlsplit
 from urllib.request import url2pathname
 
@@ -46,6 +46,7 @@ from reconciler.models.limits import ConnectionBudget, DownloadLimits
 from reconciler.models.mirror_auth import MirrorAuth
 from reconciler.models.mirrors import Mirror, MirrorBoard, mirror_tally
 from reconciler.models.partial import discard, record_path
+from reconciler.models.quick import QUICK_BYTES, fetch_whole, timeout_until
 from reconciler.models.segmented import (
     FileTarget,
     RangesRefusedError,
@@ -169,12 +170,7 @@ def download_file(
         stop_at=time.monotonic() + deadline_s,
         connect_timeout_s=connect_timeout_s,
     )
-    if _splittable(size, limits, every_url, base_url=base_url):
-        if spread.run_or_refuse(every_url, base_url=base_url):
-            return
-    elif record_path(dest_partial).exists():
-        discard(dest_partial)  # a segmented partial is not a prefix: start this one afresh
-    spread.one_stream(every_url, base_url=base_url, read_timeout_s=read_timeout_s, durable=durable)
+    spread.fetch(every_url, base_url=base_url, read_timeout_s=read_timeout_s, durable=durable)
 
 
 def _take_slot(
@@ -287,6 +283,93 @@ class _Spread:
     should_stop: Callable[[], bool]
     stop_at: float
     connect_timeout_s: float
+
+    def fetch(
+        self, urls: Sequence[str], *, base_url: str | None, read_timeout_s: float, durable: bool
+    ) -> None:
+        """The file from ``urls``: in one request when small (``quick``), in segments when
+        large enough to split over HTTP mirrors, else in one stream."""
+        target = self.target
+        if target.size <= QUICK_BYTES and not self.should_stop():
+            first = self.quick(
+                urls, base_url=base_url, read_timeout_s=read_timeout_s, durable=durable
+            )
+            if first is None:
+                self.report(target.size)
+                return
+            urls = first  # the mirrors in the order the full path asks them
+        if _splittable(target.size, self.limits, urls, base_url=base_url):
+            if self.run_or_refuse(urls, base_url=base_url):
+                return
+        elif record_path(self.partial).exists():
+            discard(self.partial)  # a segmented partial is not a prefix: start this one afresh
+        self.one_stream(urls, base_url=base_url, read_timeout_s=read_timeout_s, durable=durable)
+
+    def quick(
+        self, urls: Sequence[str], *, base_url: str | None, read_timeout_s: float, durable: bool
+    ) -> list[str] | None:
+        """A small file in one request (``quick.fetch_whole``) on one connection of the
+        budget. None when the partial holds the verified file; else the mirrors for the full
+        path, the one just asked last (a stall is not waited for twice before the others)."""
+        try:
+            url = resolve_url(urls[0], base_url) if urls else ""
+        except ValueError:
+            return list(urls)
+        if urlsplit(url).scheme.lower() not in ("http", "https"):
+            return list(urls)
+        target = self.target
+        _take_slot(
+            self.budget, should_stop=self.should_stop, stop_at=self.stop_at, name=target.label
+        )
+        self.on_connections(1)
+        try:
+            whole = fetch_whole(
+                self.client,
+                url=url,
+                dest=self.partial,
+                size=target.size,
+                want=target.want,
+                timeout=timeout_until(
+                    self.stop_at, connect_s=self.connect_timeout_s, read_s=read_timeout_s
+                ),
+                durable=durable,
+            )
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                self.partial.unlink()
+            raise _local_error(exc, name=target.label, path=self.partial) from exc
+        finally:
+            self.on_connections(-1)
+            self.budget.give_back()
+        if whole.done:
+            return None
+        if whole.refusal is not None:
+            return self._refused(urls, url, whole.refusal, read_timeout_s=read_timeout_s)
+        return [*urls[1:], urls[0]]
+
+    def _refused(
+        self, urls: Sequence[str], url: str, answer: httpx.Response, *, read_timeout_s: float
+    ) -> list[str]:
+        """The mirror refused the credentials: as in the full path it is not asked again for
+        this file, and the reason is worded as the full path words it."""
+        attempt = _MirrorAttempt(
+            client=self.client,
+            size=self.target.size,
+            stop_at=self.stop_at,
+            connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=read_timeout_s,
+            report=_ignore,
+            should_stop=None,
+        )
+        reason = f"HTTP {answer.status_code}"
+        try:
+            # A refusal never reaches the partial file (only a 200 or a 416 would).
+            attempt._accept(answer, cast("_Partial", None), offset=0)
+        except _MirrorError as exc:
+            reason = str(exc)
+        if len(urls) > 1:
+            return list(urls[1:])
+        raise DownloadError(f"cannot download {self.target.label}: {redact(url)}: {reason}")
 
     def one_stream(
         self, urls: Sequence[str], *, base_url: str | None, read_timeout_s: float, durable: bool

@@ -160,6 +160,7 @@ class Index:
         self._unsaved = False  # the records in memory hold verified blobs not yet on disk
         self._unsynced = False  # a blob was stored whose bytes may still be in the page cache
         self._saved_at = time.monotonic()
+        self._saving = threading.Lock()  # one save writing at a time (see ``_save``)
 
     def contents(self) -> IndexContents:
         with self.lock:
@@ -170,27 +171,50 @@ class Index:
     def note_change(self) -> None:
         """Note a change that may wait for the batched save (a newly verified blob, a fetch
         failure); save if the last save is a second old. Callers run inside
-        ``saving_on_return``, which saves the rest."""
+        ``saving_on_return``, which saves the rest. Called without ``lock`` held, the
+        save's sync and write hold up nobody."""
         self._unsaved = True
         if time.monotonic() - self._saved_at >= INDEX_SAVE_EVERY_S:
-            self.save()
+            self._save(wait=False)
 
     def note_unsynced(self) -> None:
         """A blob was stored without an fsync of its bytes: sync before the next save."""
         self._unsynced = True
 
     def save(self) -> None:
+        """Write the records now (after a save under way, if any)."""
+        self._save(wait=True)
+
+    def _save(self, *, wait: bool) -> None:
+        """Encode the records under ``lock``, then sync and write without it: downloads
+        storing blobs meanwhile do not wait for a filesystem sync. ``_saving`` keeps the
+        writes in the order of their encodings; it is only ever taken under ``lock`` and its
+        holder never waits for ``lock``, so the two cannot deadlock. ``wait`` False: skip
+        when a save is under way (it, or the next, takes these records)."""
         with self.lock:
-            # The blobs' bytes and new names are made durable first, so that the index never
-            # records a blob a power cut could take back.
+            if not self._saving.acquire(blocking=wait):
+                return
+            try:
+                encoded = self.contents().encode()
+            except BaseException:
+                self._saving.release()
+                raise
+            unsynced, self._unsynced, self._unsaved = self._unsynced, False, False
+        try:
+            # The blobs' bytes and new names are made durable first, so that the index
+            # never records a blob a power cut could take back.
             if self._layout.blob_dir.is_dir():
-                if self._unsynced:
+                if unsynced:
                     sync_filesystem(self._layout.blob_dir)
-                    self._unsynced = False
                 fsync_dir(self._layout.blob_dir)
-            write_atomic(self._layout.index_path, self.contents().encode())
-            self._unsaved = False
+            write_atomic(self._layout.index_path, encoded)
             self._saved_at = time.monotonic()
+        except BaseException:
+            self._unsaved = True  # plain assignments: no lock taken while holding _saving
+            self._unsynced = self._unsynced or unsynced
+            raise
+        finally:
+            self._saving.release()
 
     def save_if_store_exists(self) -> None:
         """Save, unless ``models/`` does not exist (nothing was ever stored: create nothing)."""

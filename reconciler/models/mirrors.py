@@ -6,8 +6,10 @@ Where it sits: the segmented download (``reconciler.models.segmented``) asks its
 mirrors get more segments (each new segment goes to the mirror with the best expected rate per
 connection in use); local mirrors are preferred while they work; a mirror that fails
 ``mirror_errors`` times in a row, answers with a permanent refusal (403, 404, 410) or serves
-wrong bytes is dropped for this file. A mirror that answers a ``Range`` request with the whole
-file is kept only for whole-file downloads.
+wrong bytes is dropped for this file (the only mirror after ``mirror_errors`` wrong answers);
+a stall counts only while another mirror could take
+over (the file's only mirror is asked again, within the file's deadline). A mirror that answers
+a ``Range`` request with the whole file is kept only for whole-file downloads.
 
 The tally lives in the process; at the end of each fetch the fetcher adds what it counted to
 ``models/.mirrors.json`` (``add_mirror_totals``), which the metrics writer reads
@@ -116,23 +118,37 @@ class MirrorBoard:
         seconds: float,
         drop: bool = False,
         wrong: bool = False,
+        stalled: bool = False,
     ) -> None:
         """A request failed; ``drop`` for a mirror that must not be asked again, ``wrong``
-        when it sent bytes that failed a digest. A request that delivered bytes before it
-        failed still made progress: only failures without any count towards the drop."""
+        when it sent bytes that failed a digest, ``stalled`` when it stopped sending. A
+        request that delivered bytes before it failed still made progress: only failures
+        without any count towards the drop. A stall of the file's only mirror is no error:
+        dropping it would fail the file, while asking again may well work (the file's
+        deadline bounds the whole), and a slow connection is not a broken mirror."""
         with self._lock:
             mirror.active -= 1
             mirror.bytes += got
             mirror.seconds += seconds
-            mirror.errors_in_row = 0 if got > 0 and not wrong else mirror.errors_in_row + 1
+            if stalled and not self._others(mirror):
+                return
+            # A stall counts even after bytes came: the mirror stopped making any.
+            clean = got > 0 and not (wrong or stalled)
+            mirror.errors_in_row = 0 if clean else mirror.errors_in_row + 1
             mirror.wrong_answers += wrong
-            if (
-                drop
-                or mirror.errors_in_row >= self._max_errors
-                or mirror.wrong_answers >= self._max_errors
-            ):
+            # Bytes that failed a digest: while another mirror can serve, nothing more from
+            # this one; the only mirror gets ``mirror_errors`` chances (a chunk may have been
+            # damaged on the way).
+            wrong_out = wrong and (self._others(mirror) or mirror.wrong_answers >= self._max_errors)
+            if drop or wrong_out or mirror.errors_in_row >= self._max_errors:
                 mirror.dropped = reason
         mirror_tally().error(mirror.url)
+
+    def _others(self, mirror: Mirror) -> bool:
+        """Whether another mirror could take this one's ranges (under the lock)."""
+        return any(
+            m is not mirror and m.dropped is None and m.ranges is not False for m in self.mirrors
+        )
 
     def ranges_work(self, mirror: Mirror) -> None:
         with self._lock:

@@ -156,7 +156,8 @@ class ProgressReporter:
             if self.interactive:
                 if not ok:
                     self._print_above(f"failed {name}: {reason or 'error'}")
-                self._draw(now, force=True)
+                # A thousand small files finish within a second: redraw at the bar's pace.
+                self._draw(now, force=not ok)
                 return
             took = now - meter.started if meter else 0.0
             size = format_bytes(meter.size) if meter else "?"

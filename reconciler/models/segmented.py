@@ -87,10 +87,22 @@ class WrongBytesError(Exception):
 class _RequestError(Exception):
     """One request failed; ``drop`` when the mirror must not be asked again for this file."""
 
-    def __init__(self, reason: str, *, drop: bool = False, wrong: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        drop: bool = False,
+        wrong: bool = False,
+        stalled: bool = False,
+        discard: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.drop = drop
-        self.wrong = wrong  # the bytes failed a chunk digest, or the mirror stalled
+        self.wrong = wrong  # the bytes failed a chunk digest
+        self.stalled = stalled  # the mirror stopped sending (read timeout or watchdog cut)
+        # The bytes received are not to be kept (wrong, or in a chunk that failed its digest
+        # while an earlier request sent its head: which mirror erred is not known).
+        self.discard = discard or wrong
 
 
 class _NoRangesError(Exception):
@@ -207,6 +219,7 @@ class SegmentedDownload:
             piece_bytes=-(-piece // align) * align,
             min_split=limits.min_split_bytes,
             align=align,
+            connections=limits.connections_per_file,
         )
         self._prefix = PrefixHash(
             self._fd, size=target.size, read_bytes=limits.read_buffer_bytes(), kept=kept
@@ -238,14 +251,8 @@ class SegmentedDownload:
 
     def _check_stop(self, now: float) -> None:
         assert self._plan is not None
-        reason = (
-            "cancelled"
-            if self._should_stop()
-            else "deadline of the download passed"
-            if now >= self._stop_at
-            else "local error"
-            if self._local_error is not None
-            else None
+        reason = _stop_reason(
+            cancelled=self._should_stop(), late=now >= self._stop_at, local=self._local_error
         )
         if reason is not None:
             self._stopped = reason
@@ -356,10 +363,11 @@ class SegmentedDownload:
                 seconds=time.monotonic() - started,
                 drop=exc.drop,
                 wrong=exc.wrong,
+                stalled=exc.stalled,
             )
             with self._lock:
                 self._failures.append(f"{mirror.shown}: {exc}")
-            self._report(-self._plan.release(segment))
+            self._report(-self._plan.release(segment, keep=not exc.discard))
             return mirror
         self._board.done(mirror, got=segment.pos - before, seconds=time.monotonic() - started)
         if segment.pos < segment.end and segment.cancelled is None:
@@ -381,7 +389,8 @@ class SegmentedDownload:
             ) as response:
                 _accept(response, asked, size=self._target.size)
                 self._board.ranges_work(mirror)
-                checker = _ChunkChecker(self._target, segment.pos)
+                checker = _ChunkChecker(self._target, segment.verified)
+                checker.preload(self._fd, segment.pos, self._limits.read_buffer_bytes())
                 self._plan.receiving(segment, connection_cutter(response), time.monotonic())
                 try:
                     for data in response.iter_raw():
@@ -392,7 +401,7 @@ class SegmentedDownload:
                     self._plan.receiving(segment, None, 0.0)
         except httpx.TimeoutException as exc:
             # A stall counts against the mirror even after bytes came: it stopped making any.
-            raise _RequestError(f"timed out ({timeout_kind(exc)})", wrong=True) from exc
+            raise _RequestError(f"timed out ({timeout_kind(exc)})", stalled=True) from exc
         except httpx.TooManyRedirects as exc:
             raise _RequestError("too many redirects", drop=True) from exc
         except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
@@ -492,6 +501,15 @@ class _Checkpoints:
             self._synced_at = now
 
 
+def _stop_reason(*, cancelled: bool, late: bool, local: OSError | None) -> str | None:
+    """Why every request of the file must stop now, or None."""
+    if cancelled:
+        return "cancelled"
+    if late:
+        return "deadline of the download passed"
+    return "local error" if local is not None else None
+
+
 def _quiet_s(board: MirrorBoard, limits: DownloadLimits) -> float:
     """How long a body may be silent while others move (see QUIET_BYTES)."""
     best = max((m.rate() for m in board.live()), default=0.0)
@@ -501,7 +519,7 @@ def _quiet_s(board: MirrorBoard, limits: DownloadLimits) -> float:
 
 def _silent(segment: Segment) -> _RequestError:
     """The watchdog cut the request: a stall, as the read timeout would have found later."""
-    return _RequestError(segment.cancelled or "stalled", wrong=True)
+    return _RequestError(segment.cancelled or "stalled", stalled=True)
 
 
 def _is_slow(segment: Segment, board: MirrorBoard, *, quiet_s: float) -> bool:
@@ -601,6 +619,20 @@ class _ChunkChecker:
         self._start = start
         self._hash = hashlib.sha256()
         self._have = 0
+        self._mixed = False  # the current chunk's head was read back (an earlier request's)
+
+    def preload(self, fd: int, upto: int, read_bytes: int) -> None:
+        """Hash the bytes ``[start, upto)`` an earlier, cut request left on disk: the head of
+        the chunk this request completes."""
+        at = self._start
+        while self.active and at < upto:
+            data = os.pread(fd, min(read_bytes, upto - at), at)
+            if not data:
+                raise OSError(f"partial file shorter than its kept bytes (at byte {at})")
+            self._hash.update(data)
+            at += len(data)
+            self._have += len(data)
+            self._mixed = True
 
     def feed(self, view: memoryview) -> list[tuple[int, int]]:
         done: list[tuple[int, int]] = []
@@ -614,7 +646,10 @@ class _ChunkChecker:
             if self._start + self._have < end:
                 break
             if self._hash.hexdigest() != self._target.chunk_digests[index]:
+                if self._mixed:
+                    raise _RequestError(f"chunk {index} failed its digest", discard=True)
                 raise _RequestError(f"chunk {index} failed its digest", wrong=True)
             done.append((self._start, end))
             self._start, self._have, self._hash = end, 0, hashlib.sha256()
+            self._mixed = False
         return done

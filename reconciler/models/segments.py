@@ -1,5 +1,6 @@
-"""Which bytes of a file each connection fetches next: pieces in file order, then halves of
-the largest segment still running, so that no connection idles while another has far to go.
+"""Which bytes of a file each connection fetches next: pieces in file order, smaller as the
+file nears its end, then halves of the largest segment still running, so that no connection
+idles while another has far to go.
 
 Where it sits: the segmented download (``reconciler.models.segmented``) asks its
 ``SegmentPlan`` for a segment whenever a connection is free, reports each network read
@@ -28,7 +29,8 @@ SLOW_SPLIT_BYTES = 256 * 1024  # the smallest tail taken from a segment on a slo
 @dataclass(eq=False)
 class Segment:
     """One request's bytes: ``[start, end)``, of which ``[start, pos)`` have arrived and
-    ``[verified, pos)`` wait for their chunk's digest (plain files: ``verified == pos``)."""
+    ``[verified, pos)`` wait for their chunk's digest (plain files: ``verified == pos``).
+    ``verified`` may start before ``start``: the chunk's head came with an earlier request."""
 
     start: int
     pos: int
@@ -47,13 +49,24 @@ class SegmentPlan:
     """The bytes of one file still to fetch, and the segments being fetched."""
 
     def __init__(
-        self, *, size: int, kept: ByteRanges, piece_bytes: int, min_split: int, align: int
+        self,
+        *,
+        size: int,
+        kept: ByteRanges,
+        piece_bytes: int,
+        min_split: int,
+        align: int,
+        connections: int = 1,
     ) -> None:
         self.size = size
         self.todo = kept.complement(size)
         self.active: list[Segment] = []
         self._piece = piece_bytes
         self._min_split = min_split
+        self._connections = max(1, connections)
+        # Gaps whose first bytes follow ones on disk that wait for their chunk's digest: the
+        # gap's start → where that chunk starts (a cut request's tail, kept, not asked again).
+        self._pending: dict[int, int] = {}
         self._align = max(1, align)
         self.last_read_at = 0.0  # when any segment last received a byte
         self.lock = threading.Lock()
@@ -64,12 +77,20 @@ class SegmentPlan:
             first = self.todo.first()
             if first is not None:
                 start, gap_end = first
-                end = min(gap_end, self._aligned(start + self._piece))
+                end = min(gap_end, self._aligned(start + self._piece_now()))
                 self.todo.remove(start, end)
-                segment = Segment(start, start, end, start, now)
+                segment = Segment(start, start, end, self._pending.pop(start, start), now)
                 self.active.append(segment)
                 return segment
             return self._split(now, slow=slow)
+
+    def _piece_now(self) -> int:
+        """Pieces shrink as the bytes left to hand out do (down to ``min_split``), so that
+        the last requests of a file end close together without splitting a running one: a
+        split costs what the cut connection already holds in flight (socket buffers, sent
+        by the mirror and thrown away), a smaller piece only a request."""
+        share = self.todo.total() // (2 * self._connections)
+        return max(self._min_split, min(self._piece, share))
 
     def _split(self, now: float, *, slow: Callable[[Segment], bool]) -> Segment | None:
         best: Segment | None = None
@@ -115,12 +136,18 @@ class SegmentPlan:
         with self.lock:
             return segment.pos >= segment.end or segment.cancelled is not None
 
-    def release(self, segment: Segment) -> int:
-        """End a segment: its unverified bytes go back to the plan. Returns how many bytes
-        that threw away (received but never verified)."""
+    def release(self, segment: Segment, *, keep: bool = True) -> int:
+        """End a segment: the bytes it did not receive go back to the plan. Those received but
+        not yet verified (the head of a chunk) stay on disk when ``keep``, for the request that
+        takes the rest of the chunk; without ``keep`` (they failed a digest) they go back too.
+        Returns how many bytes that threw away."""
         with self.lock:
             if segment in self.active:
                 self.active.remove(segment)
+            if keep and segment.verified < segment.pos < segment.end:
+                self.todo.add(segment.pos, segment.end)
+                self._pending[segment.pos] = segment.verified
+                return 0
             wasted = segment.pos - segment.verified
             if segment.verified < segment.end:
                 self.todo.add(segment.verified, segment.end)
