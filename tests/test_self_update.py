@@ -179,6 +179,26 @@ def supervised(env: dict[str, str], log: Path, *, starts: int) -> Iterator[subpr
         with contextlib.suppress(ProcessLookupError):
             os.killpg(loop.pid, signal.SIGKILL)
         loop.wait(timeout=10)
+        _wait_for_group_gone(loop.pid)
+
+
+def _wait_for_group_gone(pgid: int, *, timeout_s: float = 10.0) -> None:
+    """Until no live process of the group is left: the shell has exited, but its ``watch``
+    may not have, and it holds the agent lock until it has."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(_live_member(stat, pgid) for stat in Path("/proc").glob("[0-9]*/stat")):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes of group {pgid} still run {timeout_s} s after SIGKILL")
+
+
+def _live_member(stat: Path, pgid: int) -> bool:
+    try:
+        fields = stat.read_text().rpartition(")")[2].split()
+    except OSError:
+        return False  # gone while we looked
+    return fields[0] != "Z" and int(fields[2]) == pgid
 
 
 def _running_python(agent: dict[str, Any]) -> str:
