@@ -349,6 +349,34 @@ CASES: list[tuple[str, NodeState, Transition, dict[str, Any]]] = [
         {"agent_update": {"version": "9.9", "digest": D1, "exit_code": 3, "at": AT}},
     ),
     (
+        "refusal-noted",
+        BUSY,
+        lambda s: record.refusal_noted(s, what="post-apply", reason="hooks folder x", at=AT),
+        {"refused": {"post-apply": {"reason": "hooks folder x", "at": AT}}},
+    ),
+    (
+        "refusal-noted-again-keeps-its-first-time-a-new-reason-replaces-it",
+        replace(BUSY, refused={"metrics": {"reason": "a", "at": "earlier"}}),
+        lambda s: record.refusal_noted(
+            record.refusal_noted(s, what="metrics", reason="a", at=AT),
+            what="pre-apply",
+            reason="b",
+            at=AT,
+        ),
+        {
+            "refused": {
+                "metrics": {"reason": "a", "at": "earlier"},
+                "pre-apply": {"reason": "b", "at": AT},
+            }
+        },
+    ),
+    (
+        "refusal-cleared-leaves-the-others",
+        replace(BUSY, refused={"metrics": {"reason": "a", "at": AT}, "post-apply": {}}),
+        lambda s: record.refusal_cleared(s, what="post-apply"),
+        {"refused": {"metrics": {"reason": "a", "at": AT}}},
+    ),
+    (
         "automatic-rollback-neither-holds-nor-lifts",
         BUSY,
         lambda s: record.rolled_back(s, target=D3, head="new", manual=False),
@@ -416,6 +444,13 @@ def test_the_applied_history_keeps_the_newest_fifty() -> None:
 def test_clear_apply_error_returns_the_same_record_when_there_is_nothing_to_clear() -> None:
     # The converged no-op pass relies on it to skip rewriting node-state.json.
     assert record.clear_apply_error(BUSY) is BUSY
+
+
+def test_a_lasting_refusal_and_clearing_nothing_return_the_same_record() -> None:
+    # A refusal that lasts, or none to clear, must not rewrite node-state.json every pass.
+    refused = record.refusal_noted(BUSY, what="metrics", reason="a", at="earlier")
+    assert record.refusal_noted(refused, what="metrics", reason="a", at=AT) is refused
+    assert record.refusal_cleared(BUSY, what="metrics") is BUSY
 
 
 def test_a_fetch_failure_must_be_of_a_fetch_kind() -> None:

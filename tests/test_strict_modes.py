@@ -164,6 +164,7 @@ def test_a_hook_someone_else_could_have_written_is_never_run_and_vetoes(
     status = scene.node.status()
     assert status["converged"] is False
     assert status["last_error"]["message"] == expected
+    assert [(h["hook"], h["reason"]) for h in status["refused_hooks"]] == [("pre-apply", reason)]
     [receipt] = receipts(scene.node, head(scene.node)["commit"])
     assert (receipt["result"], receipt["actions"], receipt["error"]) == ("vetoed", [], expected)
     [pre] = [h for h in receipt["hooks"] if h["name"] == "pre-apply"]
@@ -202,6 +203,92 @@ def test_the_relaxed_group_lets_its_members_manage_hooks_but_never_others(
     assert done.exit_code == 0, done.stdout + done.stderr
     assert scene.marker.exists()
     assert scene.node.status()["converged"] is True
+
+
+@pytest.mark.podman
+def test_a_refused_post_apply_and_agent_update_leave_the_apply_converged_and_show_in_status(
+    scene: Scene, simulator: RepositorySimulator, stranger: Stranger
+) -> None:
+    (scene.hooks / "pre-apply").unlink()  # the only hooks: the two that cannot veto
+    ran = {name: scene.hooks.parent / f"{name}-ran" for name in ("post-apply", "agent-update")}
+    for name, marker in ran.items():
+        write_hook(scene.hooks, name, f"touch {marker}")
+    agent = {"version": "9.9.9", "digest": "sha256:" + "ab" * 32}
+    updates = {**snapshot_body()["updates"], "agent": agent}
+    simulator.publish(2, body=snapshot_body(updates=updates))
+    reason = _group_writable(scene, stranger)
+
+    outcome = once(scene.node, scene.env)
+
+    assert outcome.exit_code == 0, outcome.stdout + outcome.stderr  # neither can veto
+    assert not any(marker.exists() for marker in ran.values())
+    status = scene.node.status()
+    assert (status["converged"], status["applied"]["serial"]) == (True, 2)
+    assert [(h["hook"], h["reason"]) for h in status["refused_hooks"]] == [
+        ("post-apply", reason),
+        ("agent-update", reason),
+    ]
+    assert scene.node.record()["agent_update"] is None  # not a run: it runs once fixed
+    text = scene.node.status_text()
+    assert f"refused     post-apply not run: {reason} (since " in text
+    assert f"refused     agent-update not run: {reason} (since " in text
+    [receipt] = receipts(scene.node, head(scene.node)["commit"])
+    hooks = {h["name"]: (h["ran"], h.get("refused")) for h in receipt["hooks"]}
+    assert hooks == {
+        "pre-apply": (False, None),  # not installed: neither run nor refused
+        "post-apply": (False, reason),
+        "agent-update": (False, reason),
+    }
+
+    scene.hooks.chmod(0o755)
+    once(scene.node, scene.env, "--offline").ok()  # nothing to apply: only agent-update asked
+    assert ran["agent-update"].exists() and not ran["post-apply"].exists()
+    assert [h["hook"] for h in scene.node.status()["refused_hooks"]] == ["post-apply"]
+
+    simulator.publish(3, body=snapshot_body(updates=updates))
+    once(scene.node, scene.env).ok()  # the next apply asks post-apply again: it runs
+    assert ran["post-apply"].exists()
+    assert scene.node.status()["refused_hooks"] == []
+    assert "refused" not in scene.node.status_text()
+
+
+@pytest.mark.podman
+def test_a_metrics_folder_someone_else_could_write_is_not_written_and_shows_in_status(
+    scene: Scene, stranger: Stranger, tmp_path: Path
+) -> None:
+    parent = tmp_path / "srv"
+    folder = parent / "prom"
+    folder.mkdir(parents=True)
+    metrics = folder / "reconciler.prom"
+    env = {**scene.env, "RECONCILER_METRICS_PATH": str(metrics)}
+    _chown(parent, stranger)  # they could rename prom/ away and put a symlink in its place
+    owned = f"metrics folder {folder}: folder {parent} is owned by {stranger.described}"
+
+    outcome = once(scene.node, env, "--offline")
+
+    assert outcome.exit_code == 0, outcome.stdout + outcome.stderr  # the node did converge
+    assert scene.marker.exists()
+    assert sorted(folder.iterdir()) == []  # not even a temporary file
+    assert f"metrics file {metrics} not written: {owned}" in outcome.stdout + outcome.stderr
+    status = scene.node.status()
+    assert status["metrics_refused"]["reason"] == owned
+    assert f"refused     metrics file not written: {owned} (since " in scene.node.status_text()
+    verify = scene.node.run("verify", env=env)
+    assert verify.exit_code == 1
+    assert f"BAD  metrics file {metrics}: {owned}" in verify.stdout.splitlines()
+
+    _chown(parent, Stranger("root", 0, "root", 0))
+    folder.chmod(0o777)  # writable by others: refused for its own sake, with a new reason
+    once(scene.node, env, "--offline").ok()
+    others = f"metrics folder {folder} is writable by group and others"
+    assert scene.node.status()["metrics_refused"]["reason"] == others
+    assert sorted(folder.iterdir()) == []
+
+    folder.chmod(0o755)
+    once(scene.node, env, "--offline").ok()
+    assert "reconciler_" in metrics.read_text()
+    assert scene.node.status()["metrics_refused"] is None
+    assert scene.node.run("verify", env=env).ok().stdout.endswith("all good\n")
 
 
 # ---- settings, roots, credentials, state: exit 2 and one line --------------------------------

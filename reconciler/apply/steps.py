@@ -4,7 +4,8 @@ Where it sits: ``apply.transaction`` runs them in order, once per attempt; each 
 edges it uses and writes what it did into the ``AttemptLog``. A step that fails raises the
 project's error (``HookVetoError``, a ``TransientError``, a ``SnapshotFaultError``); what
 that means for the node is ``apply.policy``'s decision, not the step's. No step touches the
-node record except through ``core.record`` transitions, and only step 8 does.
+node record except through ``core.record`` transitions, and only step 8 does (and
+``note_refused_hooks``, at the end of every attempt: which hooks strict modes refused).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,12 @@ from reconciler.apply.target import ApplyTarget
 from reconciler.core.agentrelease import AgentRelease, runtime_update_check
 from reconciler.core.documents import Snapshot, format_time, loads_strict
 from reconciler.core.errors import HistoryError, HookVetoError, ReconcilerError, TransientError
-from reconciler.core.record import agent_update_ran, mark_applied
+from reconciler.core.record import (
+    agent_update_ran,
+    mark_applied,
+    refusal_cleared,
+    refusal_noted,
+)
 from reconciler.disk.atomic import write_atomic
 from reconciler.history.node import Node
 from reconciler.runtime.hooks import HookResult
@@ -37,6 +44,7 @@ __all__ = [
     "fetch_models",
     "held_suffix",
     "hook_env",
+    "note_refused_hooks",
     "observed_view",
     "participation_moves",
     "prune",
@@ -100,6 +108,21 @@ def run_pre_apply(
     )
     why = said[-1].strip() if said else "no output"
     raise HookVetoError(f"pre-apply vetoed serial {target.serial} ({how}): {why[:200]}")
+
+
+def note_refused_hooks(node: Node, results: Iterable[HookResult], *, clock: Clock) -> None:
+    """Keep in the node record which of these hooks strict modes refused to run, for
+    ``status`` (``refused_hooks``); a hook asked again and not refused (it ran, or is gone)
+    is cleared. Saved only when that changes something."""
+    state = before = node.state
+    for result in results:
+        if result.refused is not None:
+            at = format_time(clock())
+            state = refusal_noted(state, what=result.name, reason=result.refused, at=at)
+        else:
+            state = refusal_cleared(state, what=result.name)
+    if state is not before:
+        node.save(state)
 
 
 # ---- 4. fetch what is needed, touching nothing that runs -------------------------------------
@@ -263,7 +286,11 @@ def agent_release(
     if checked["warning"] and attempt is not None:
         log.warning("%s", checked["warning"])  # once per apply; status shows it all along
     update = run_agent_update(node, snapshot, hooks=hooks, clock=clock, env=env)
+    if update is None and "agent-update" in node.state.refused:
+        # Not asked, or not installed: a refusal recorded earlier is no longer current.
+        node.save(refusal_cleared(node.state, what="agent-update"))
     if update is not None:
+        note_refused_hooks(node, [update], clock=clock)
         if attempt is not None:
             attempt.hook(update)
     elif node.settings.self_update and not _hook_installed(node, "agent-update"):
@@ -325,7 +352,8 @@ def run_agent_update(
     The release is the snapshot's ``updates.agent``; installing is the hook's job (the sample
     checks the digest and restarts the service). A run is remembered in the node record
     whatever its exit code, so a failing hook is not re-run every pass; a hook that is not
-    installed is not a run, so one added later still runs.
+    installed is not a run, so one added later still runs; nor is one that strict modes
+    refuse (its result, with ``refused``, goes to the receipt), so it runs once it is fixed.
     """
     release = _approved_release(snapshot, node.state.agent_update)
     if release is None:
@@ -340,6 +368,8 @@ def run_agent_update(
         "RECONCILE_AGENT_PYTHON": sys.executable,
     }
     result = hooks.run("agent-update", env={**env, **more})
+    if result.refused is not None:
+        return result
     if not result.ran:
         return None
     (log.info if result.ok else log.error)(

@@ -48,6 +48,7 @@ from reconciler.apply.steps import (
     fetch_models,
     held_suffix,
     hook_env,
+    note_refused_hooks,
     observed_view,
     participation_moves,
     prune,
@@ -440,6 +441,8 @@ def _finish(
     """The end of every attempt: ``post-apply``, the receipt, model states, mark cleared."""
     target = node_plan.target
     attempt.hook(edges.hooks.run("post-apply", env={**env, "RECONCILE_RESULT": result.value}))
+    # A refused post-apply cannot veto (the pass is over), so status is where it shows.
+    note_refused_hooks(node, attempt.hooks, clock=edges.clock)
     joined, left = moves if result is ApplyResult.CONVERGED else ([], [])
     receipt = attempt.receipt(
         result=result,

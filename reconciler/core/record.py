@@ -42,6 +42,8 @@ __all__ = [
     "mark_not_converged",
     "note_fault",
     "quarantine",
+    "refusal_cleared",
+    "refusal_noted",
     "release",
     "rolled_back",
 ]
@@ -89,6 +91,11 @@ class NodeState:
     # The last time HEAD moved through a rollout wave: {"digest", "serial", "wave", "wave_at",
     # "position", "at"} (``position`` as text, "37.21").
     rollout_entered: dict[str, Any] | None = None
+    # What strict modes currently refuse (docs/security.md, "A local attacker"): a hook not
+    # run ("pre-apply", "post-apply", "agent-update") or the metrics file not written
+    # ("metrics"), each {"reason": one line, "at": since when}; cleared by the next pass in
+    # which it is not refused.
+    refused: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -285,6 +292,23 @@ def agent_update_ran(
     """The ``agent-update`` hook ran for this release (whatever its exit code): once only."""
     done = {"version": version, "digest": digest, "exit_code": exit_code, "at": at}
     return replace(state, agent_update=done)
+
+
+def refusal_noted(state: NodeState, *, what: str, reason: str, at: str) -> NodeState:
+    """Strict modes refused ``what`` this pass. The same reason again keeps its first time
+    and returns the same record, so a refusal that lasts does not rewrite the file."""
+    known = state.refused.get(what)
+    if known is not None and known.get("reason") == reason:
+        return state
+    return replace(state, refused={**state.refused, what: {"reason": reason, "at": at}})
+
+
+def refusal_cleared(state: NodeState, *, what: str) -> NodeState:
+    """``what`` was not refused this pass (it ran, or is gone); the same record if it was
+    not refused before either."""
+    if what not in state.refused:
+        return state
+    return replace(state, refused={k: v for k, v in state.refused.items() if k != what})
 
 
 # ---- quarantine, hold, rollback, resume -----------------------------------------------------

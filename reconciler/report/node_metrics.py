@@ -1,19 +1,21 @@
 """Metrics for node_exporter's textfile collector, from what the node recorded.
 
 Edge module (reads the node record, the model store's index and its figures per mirror;
-writes one file when the ``metrics_path`` setting names it). Names are stable: dashboards and
-alerts depend on them.
+writes one file when the ``metrics_path`` setting names it, or records in the node record
+that strict modes refused its folder). Names are stable: dashboards and alerts depend on them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
 from reconciler import __version__
-from reconciler.core.documents import parse_time
-from reconciler.core.record import NodeState
+from reconciler.core.documents import format_time, parse_time
+from reconciler.core.errors import UntrustedPathError
+from reconciler.core.record import NodeState, refusal_cleared, refusal_noted
 from reconciler.core.rollout import RolloutWait
 from reconciler.history.node import Node
 from reconciler.models.layout import StoreLayout
@@ -24,6 +26,8 @@ from reconciler.report.metrics import Metric, write_metrics
 from reconciler.selfupdate.gate import running_release
 
 __all__ = ["node_metrics", "write_node_metrics"]
+
+log = logging.getLogger("reconciler")
 
 
 def _blob_bytes(node: Node) -> int:
@@ -258,6 +262,22 @@ def _rollout_metrics(state: NodeState, *, now: float) -> list[Metric]:
 
 
 def write_node_metrics(node: Node, *, last_apply_s: float | None) -> None:
+    """Write the metrics file; a folder chain that strict modes refuse is one log line and
+    ``metrics_refused`` in ``status`` instead, cleared by the next write that works."""
+    state = node.state
     if not node.settings.metrics_path:
+        if "metrics" in state.refused:  # the setting is gone, and its refusal with it
+            node.save(refusal_cleared(state, what="metrics"))
         return
-    write_metrics(Path(node.settings.metrics_path), node_metrics(node, last_apply_s=last_apply_s))
+    path = Path(node.settings.metrics_path)
+    try:
+        write_metrics(path, node_metrics(node, last_apply_s=last_apply_s))
+    except UntrustedPathError as exc:
+        log.error("metrics file %s not written: %s", path, exc.one_line())
+        state = refusal_noted(
+            state, what="metrics", reason=exc.one_line(), at=format_time(time.time())
+        )
+    else:
+        state = refusal_cleared(state, what="metrics")
+    if state is not node.state:
+        node.save(state)

@@ -75,6 +75,7 @@ def status_report(node: Node, *, now: float | None = None) -> dict[str, Any]:
         "last_fetch_ok_at": state.last_fetch_ok_at,
         "last_error": _error_view(state.last_error),
         "last_rejection": _error_view(state.last_rejection),
+        **_refused_view(state),  # refused_hooks, metrics_refused (docs/security.md)
         "models": _models_view(node),
         "node_public_key": _public_key(node),
         "agent": _agent_view(node, head_oid if head and head["digest"] else None),
@@ -220,10 +221,39 @@ def _runtime_update(node: Node, oid: str | None) -> dict[str, Any] | None:
         return None
 
 
+_HOOK_ORDER = ("pre-apply", "post-apply", "agent-update")  # docs/contract.md §7
+
+
+def _refused_view(state: NodeState) -> dict[str, Any]:
+    """What strict modes refuse now: the hooks not run, the metrics file not written."""
+    refused = state.refused
+    hooks = [
+        {"hook": name, "reason": refused[name]["reason"], "at": refused[name]["at"]}
+        for name in _HOOK_ORDER
+        if name in refused
+    ]
+    metrics = refused.get("metrics")
+    return {
+        "refused_hooks": hooks,
+        "metrics_refused": dict(metrics) if metrics is not None else None,
+    }
+
+
 def _error_view(error: Any) -> dict[str, str] | None:
     if error is None:
         return None
     return {"at": error.at, "kind": error.kind, "message": error.message}
+
+
+def _refused_lines(report: dict[str, Any]) -> list[str]:
+    lines = [
+        f"refused     {hook['hook']} not run: {hook['reason']} (since {hook['at']})"
+        for hook in report.get("refused_hooks", [])
+    ]
+    if report.get("metrics_refused"):
+        m = report["metrics_refused"]
+        lines.append(f"refused     metrics file not written: {m['reason']} (since {m['at']})")
+    return lines
 
 
 def format_status(report: dict[str, Any]) -> str:
@@ -264,6 +294,7 @@ def format_status(report: dict[str, Any]) -> str:
     if report["last_error"] and report["last_error"] != report["last_rejection"]:
         e = report["last_error"]
         lines.append(f"last error  {e['message']} ({e['kind']}, {e['at']})")
+    lines += _refused_lines(report)
     if report.get("p2p"):
         lines.append(_p2p_line(report["p2p"]))
     for model in report["models"]:

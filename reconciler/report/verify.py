@@ -5,8 +5,9 @@ is re-verified against the root that accepted it (``Root-Version``), ignoring ex
 serial (docs/contract.md §3); every receipt against ``node.pub``; the hash of every model blob and
 installed model file (via the model store); and the modes the agent gives what it writes
 (``core.paths``: state folder, ``node.key``, ``runtime/``, model blobs, the metrics file and
-the report record) with strict modes on the hooks folder. It reports each problem on its own
-line; it repairs nothing (``reconcile init`` again restores the modes).
+the report record) with strict modes on the hooks folder and the metrics file's folder. It
+reports each problem on its own line; it repairs nothing (``reconcile init`` again restores
+the modes).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from reconciler.core.paths import (
 )
 from reconciler.disk.strict import check_trusted, trusted_group
 from reconciler.history.node import Node
+from reconciler.report.metrics import check_metrics_folder
 
 _HOOK_NAMES = ("pre-apply", "post-apply", "agent-update")  # docs/contract.md §7
 
@@ -185,7 +187,8 @@ def _runtime_findings(node: Node) -> Iterator[Finding]:
 
 
 def _written_findings(node: Node) -> Iterator[Finding]:
-    """The metrics file and the report record: others may read them, never write."""
+    """The metrics file and the report record: others may read them, never write; nor may
+    anyone but root or the agent write the metrics file's folders (strict modes)."""
     from reconciler.report.deliveries import DELIVERY_FILE
 
     metrics = node.settings.metrics_path
@@ -195,6 +198,11 @@ def _written_findings(node: Node) -> Iterator[Finding]:
     ):
         if path is not None and path.exists() and path.stat().st_mode & stat.S_IWOTH:
             yield Finding(f"{what} {path}", "writable by others")
+    if metrics:
+        try:
+            check_metrics_folder(Path(metrics))  # what the next pass would refuse to write into
+        except SettingsError as exc:
+            yield Finding(f"metrics file {metrics}", exc.one_line())
 
 
 def _blob_findings(node: Node) -> Iterator[Finding]:

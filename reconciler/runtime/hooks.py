@@ -11,7 +11,7 @@ free-form fields reaches a hook's environment.
 Strict modes (``disk.strict``): a hook that exists is checked, with its folder and every
 folder above, before it runs; one that someone other than root or the agent's user could
 have written is not run, and its ``HookResult`` carries the one-line reason (``refused``),
-which ``pre-apply`` turns into a veto.
+which ``pre-apply`` turns into a veto and the apply keeps in the node record for ``status``.
 """
 
 from __future__ import annotations
