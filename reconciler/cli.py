@@ -218,7 +218,7 @@ def _setup_logging(log_format: str) -> None:
 def plan(ctx: _Context, as_json: bool, exit_code: bool) -> None:
     """Show what converging to HEAD would do (contacts no origin, mirror or registry)."""
     from reconciler.apply.edges import StoreEdge, open_edge
-    from reconciler.apply.nodeplan import plan_node
+    from reconciler.apply.nodeplan import plan_agent, plan_node
     from reconciler.apply.target import load_target
     from reconciler.models.store import ModelStore
 
@@ -231,13 +231,19 @@ def plan(ctx: _Context, as_json: bool, exit_code: bool) -> None:
     models = StoreEdge(ModelStore(node.paths), settings=node.settings)
     with open_edge(node) as edge:
         node_plan = plan_node(target, runtime_dir=node.paths.runtime, runtime=edge, models=models)
+    agent_plan = plan_agent(node, target)
     if as_json:
-        click.echo(json.dumps(node_plan.to_json(), sort_keys=True))
+        click.echo(
+            json.dumps({**node_plan.to_json(), "agent": agent_plan.to_json()}, sort_keys=True)
+        )
     else:
         click.echo(f"HEAD serial {target.serial} {target.digest}")
         lines = node_plan.describe()
-        click.echo("\n".join(f"  {line}" for line in lines) if lines else "  nothing to do")
-    if exit_code and not node_plan.empty:
+        if not lines and not agent_plan.pending:
+            lines = ["nothing to do"]  # what the agent's lines say then is no change
+        lines += agent_plan.describe()
+        click.echo("\n".join(f"  {line}" for line in lines))
+    if exit_code and not (node_plan.empty and not agent_plan.pending):
         sys.exit(3)
 
 

@@ -259,6 +259,9 @@ def test_good_release_runs_then_a_crashing_one_is_abandoned_for_the_previous(
     text = log.read_text()
     assert text.count("release crashes") >= 3
     assert [f"start {n} of 3" in text for n in (1, 2, 3)] == [True] * 3
+    # Start-gate events are log lines when they happen (a receipt only at the next apply).
+    assert f"agent: release 0.2.0 ({good[:12]}) is good: it converged" in text
+    assert f"agent: release 0.3.0 ({crash[:12]}) abandoned: 3 starts in a row" in text
     assert agent["selected"]["digest"] == f"sha256:{good}" and agent["state"] == "good"
     record = _record(node)
     assert record["releases"][crash]["state"] == "failed"

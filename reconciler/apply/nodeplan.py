@@ -3,11 +3,14 @@
 Where it sits: after ``apply.target``, before the attempt (``apply.steps``); ``reconcile plan``
 prints it and ``pre-apply`` gets it as ``work/plan.json``. It compares the target with what
 the runtime edge observes, what the model store holds and the files in ``runtime/``; it
-changes nothing. The container part is the pure ``core.containerplan``.
+changes nothing. The container part is the pure ``core.containerplan``. ``plan_agent`` adds
+what the converged pass would then do about the agent (``selfupdate.plan``), for ``plan``
+only: the transaction does not need it to decide whether to apply.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,10 @@ from reconciler.apply.target import ApplyTarget
 from reconciler.core.containerplan import ContainerPlan, plan_containers
 from reconciler.core.documents import ModelSpec
 from reconciler.core.specs import container_name
+from reconciler.history.node import Node
+from reconciler.selfupdate.plan import AgentPlan, HookState, read_agent_plan
 
-__all__ = ["NOTIFYING_FILES", "NodePlan", "plan_node"]
+__all__ = ["NOTIFYING_FILES", "NodePlan", "plan_agent", "plan_node"]
 
 # Files under runtime/ whose change the runtime is told about (docs/contract.md §2: notify).
 NOTIFYING_FILES = ("jobs.json", "participation.json")
@@ -127,4 +132,30 @@ def plan_node(
         download_bytes=models.bytes_needed(to_install) if to_install else 0,
         trees_to_remove=to_remove,
         files_changed=files_changed,
+    )
+
+
+def _hook_state(node: Node, target: ApplyTarget) -> HookState:
+    """The ``agent-update`` hook as ``apply.steps.run_agent_update`` will find it: run once
+    per approved (version, digest), remembered in the node record whatever its exit."""
+    hook = Path(node.settings.hooks_dir) / "agent-update"
+    if not (hook.is_file() and os.access(hook, os.X_OK)):
+        return "absent"
+    agent = target.snapshot.updates.get("agent") or {}
+    done = node.state.agent_update or {}
+    ran = (done.get("version"), done.get("digest")) == (agent.get("version"), agent.get("digest"))
+    return "ran" if ran else "due"
+
+
+def plan_agent(node: Node, target: ApplyTarget) -> AgentPlan:
+    """What the next converged pass does about the agent: from HEAD, the settings and
+    ``<state>/agent/`` only (no origin, mirror or registry)."""
+    snapshot = target.snapshot
+    return read_agent_plan(
+        node.paths.state_dir,
+        updates=snapshot.updates,
+        images={r.name: r.image for r in snapshot.runtimes},
+        self_update=node.settings.self_update,
+        min_version=node.settings.agent_min_version,
+        hook=_hook_state(node, target),
     )

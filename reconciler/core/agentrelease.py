@@ -28,6 +28,7 @@ __all__ = [
     "noted_event",
     "receipted_up_to",
     "refused",
+    "release_step",
     "runtime_update_check",
     "selected_base",
     "selected_release",
@@ -38,6 +39,8 @@ MAX_STARTS = 3  # starts in a row without a converged cycle before a release is 
 MAX_EVENTS = 20  # switches and fallbacks kept in the record for `status`
 
 ReleaseState = Literal["trial", "good", "failed"]
+# What the built-in installer does about an approved release (docs/contract.md §10, 2 to 5).
+ReleaseStep = Literal["running", "failed", "selected", "below-pin", "base", "no-urls", "install"]
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,26 @@ def refused(
         ReleaseEntry(version=version, state="failed", starts=0, since=at, why=why),
     )
     return noted_event(changed, event="refused", at=at, version=version, digest=hex_digest, why=why)
+
+
+def release_step(
+    record: AgentRecord, release: AgentRelease, *, running_version: str, min_version: str
+) -> ReleaseStep:
+    """The installer's rule, in its order, for an agent at ``running_version``: the apply
+    acts on it and ``plan`` tells it, so the two cannot disagree."""
+    if release.version == running_version:
+        return "running"
+    if record.failed(release.hex):
+        return "failed"  # never tried again for that digest
+    if record.selected == release.hex:
+        return "selected"  # waits for the next start
+    if is_below(release.version, min_version):
+        return "below-pin"
+    if record.selected is not None and release.version == record.base_version:
+        return "base"
+    if release.wheel is None:
+        return "no-urls"  # only an agent-update hook can act on it
+    return "install"
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,10 @@ from reconciler.core.agentrelease import (
     AgentRecord,
     AgentRelease,
     Artifact,
-    is_below,
     noted_event,
     receipted_up_to,
     refused,
+    release_step,
     selected_base,
     selected_release,
 )
@@ -74,17 +74,17 @@ def consider(state_dir: Path, ask: UpdateAsk) -> tuple[str, bool] | None:
     if release.version == __version__:
         return None
     folder = AgentFolder.of(state_dir)
-    record = folder.read()
-    if record.failed(release.hex) or record.selected == release.hex:
-        return None  # failed for good, or selected and waiting for the next start
-    if is_below(release.version, ask.min_version):
+    step = release_step(
+        folder.read(), release, running_version=__version__, min_version=ask.min_version
+    )
+    if step in ("running", "failed", "selected", "no-urls"):
+        return None  # nothing to do, or (no mirrors) an agent-update hook's business
+    if step == "below-pin":
         pin = ask.min_version
         return f"release {release.version} not installed: below agent_min_version {pin}", False
-    if record.selected is not None and release.version == record.base_version:
+    if step == "base":
         folder.change(lambda r: selected_base(r, at=ask.at, why=f"{release.version} approved"))
         return f"base install {release.version} selected again; it runs at the next start", True
-    if release.wheel is None:
-        return None  # no mirrors: an agent-update hook's business, as before §10
     try:
         install_release(folder, release, base_url=ask.base_url, offline=ask.offline, at=ask.at)
     except TransientError as exc:
