@@ -148,3 +148,109 @@ def test_a_tracker_that_does_not_list_the_torrent_finds_no_peer(tmp_path: Path) 
     status = read_swarm_status(second_store.root)
     assert status is not None and "no verified byte" in status["fallback"]["reason"]
     assert swarm_of(first_store, options()).uploaded_bytes == 0
+
+
+# ---------------------------------------------------------------------- DHT
+
+
+class DhtNode:
+    """A libtorrent session on 127.0.0.1 that runs the DHT and holds no torrent: the node the
+    others join the DHT by (``p2p_dht_bootstrap``), as an always-on node of a private network
+    would be. It sees who announces what to it."""
+
+    def __init__(self) -> None:
+        self.session = lt.session(
+            {
+                "listen_interfaces": "127.0.0.1:0",
+                "enable_dht": True,
+                "dht_bootstrap_nodes": "",  # nobody: it is the first node
+                "enable_lsd": False,
+                "enable_upnp": False,
+                "enable_natpmp": False,
+                "alert_mask": lt.alert_category.dht,
+            }
+        )
+        self.announced: set[str] = set()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.session.listen_port()}"
+
+    def has_announce(self, info_hash: str) -> bool:
+        for alert in self.session.pop_alerts():
+            if isinstance(alert, lt.dht_announce_alert):
+                self.announced.add(str(alert.info_hash))
+        return info_hash in self.announced
+
+
+def test_the_dht_bootstrap_setting_reaches_the_session_and_is_checked(tmp_path: Path) -> None:
+    from reconciler.config.settings import load_settings
+    from reconciler.core.errors import SettingsError
+    from reconciler.models.swarm import SwarmOptions
+
+    config = tmp_path / "settings.toml"
+    config.write_text('p2p = true\np2p_dht_bootstrap = ["10.0.0.5:6881", "[fd00::1]:6881"]\n')
+    opts = SwarmOptions.of(load_settings(config=str(config), environ={}))
+    assert opts is not None and opts.dht_bootstrap == ("10.0.0.5:6881", "[fd00::1]:6881")
+    assert not opts.same_ip_peers
+    env = {"RECONCILER_P2P_DHT_BOOTSTRAP": "127.0.0.1:7001, 127.0.0.1:7002"}
+    loopback = SwarmOptions.of(
+        load_settings(config=str(config), environ=env, overrides={"p2p_listen": "127.0.0.1:0"})
+    )
+    assert loopback is not None and loopback.dht_bootstrap == ("127.0.0.1:7001", "127.0.0.1:7002")
+    assert loopback.same_ip_peers  # every node on one address: a test's or a benchmark's swarm
+    config.write_text('p2p_dht_bootstrap = ["router.example"]\n')
+    with pytest.raises(SettingsError, match="p2p_dht_bootstrap/0"):
+        load_settings(config=str(config), environ={})
+
+
+def test_a_node_finds_its_peer_through_the_dht_alone(tmp_path: Path) -> None:
+    data = os.urandom(6 * MIB + 3)
+    router = DhtNode()
+    dht = options(dht=True, dht_bootstrap=(router.address,))
+    p2p = {"trackers": [], "dht": True}
+    with FileServer(tmp_path / "mirror") as mirror:
+        mirror.write("w.bin", data)
+        first_model = model_with(tmp_path / "files", data, urls=[mirror.url_for("w.bin")], p2p=p2p)
+        first_store = ModelStore(NodePaths(tmp_path / "first"))
+        fetch(first_store, first_model, dht)
+        first = swarm_of(first_store, dht)
+        assert first.seeding == 1
+        hash_ = info_hash(first_model.files[0])
+        wait_for(lambda: router.has_announce(hash_), "the first node never announced to the DHT")
+        served_to_first = mirror.stats.body_bytes("/w.bin")
+    # A mirror that answers nothing, no named peer, no tracker, no LSD: only the DHT.
+    second_model = model_with(tmp_path / "files2", data, urls=[DEAD_URL], p2p=p2p)
+    second_store = ModelStore(NodePaths(tmp_path / "second"))
+    fetch(second_store, second_model, options(dht=True, dht_bootstrap=(router.address,)))
+    assert_installed(second_store, second_model, data)
+    assert served_to_first >= len(data)
+    assert first.uploaded_bytes >= len(data)
+    status = read_swarm_status(second_store.root)
+    assert status is not None and status["fallback"] is None
+    assert status["downloaded_bytes"] == len(data)
+
+
+def test_without_the_nodes_dht_setting_the_dht_finds_nobody(tmp_path: Path) -> None:
+    """The control: the same swarm, but the second node's ``p2p_dht`` is off (the snapshot
+    still allows the DHT): it finds no peer and gets no byte."""
+    from reconciler.core.errors import DownloadError
+
+    data = os.urandom(5 * MIB)
+    router = DhtNode()
+    dht = options(dht=True, dht_bootstrap=(router.address,))
+    p2p = {"trackers": [], "dht": True}
+    with FileServer(tmp_path / "mirror") as mirror:
+        mirror.write("w.bin", data)
+        first_model = model_with(tmp_path / "files", data, urls=[mirror.url_for("w.bin")], p2p=p2p)
+        first_store = ModelStore(NodePaths(tmp_path / "first"))
+        fetch(first_store, first_model, dht)
+        hash_ = info_hash(first_model.files[0])
+        wait_for(lambda: router.has_announce(hash_), "the first node never announced to the DHT")
+    second_model = model_with(tmp_path / "files2", data, urls=[DEAD_URL], p2p=p2p)
+    second_store = ModelStore(NodePaths(tmp_path / "second"))
+    off = options(dht=False, dht_bootstrap=(router.address,), stall_s=3.0)
+    with pytest.raises(DownloadError, match=r"w\.bin"):
+        fetch(second_store, second_model, off)
+    assert swarm_of(first_store, dht).uploaded_bytes == 0
+    assert not (second_store.root / "blobs" / "sha256" / first_model.files[0].digest[7:]).exists()
