@@ -80,6 +80,7 @@ class Settings:
     p2p_peers: tuple[str, ...] = ()  # host:port of peers to connect to (besides discovery)
     p2p_lsd: bool = True  # local service discovery (multicast on the LAN)
     p2p_dht: bool = True  # the DHT, when the snapshot's p2p.dht allows it
+    p2p_dht_bootstrap: tuple[str, ...] = ()  # host:port DHT nodes to join by; () = libtorrent's
     p2p_stall_s: float = 30.0  # seconds without a verified byte before falling back to HTTP
 
     @property
@@ -190,6 +191,8 @@ def load_settings(
     for key in ("opt_out_subclouds", "local_mirrors", "cdi_spec_dirs", "p2p_peers"):
         if key in merged:
             merged[key] = tuple(merged[key])
+    if "p2p_dht_bootstrap" in merged:
+        merged["p2p_dht_bootstrap"] = tuple(merged["p2p_dht_bootstrap"])
     if merged.get("registry_auth_file"):
         # Checked again at each read (runtime.registry_auth); here so that it is exit 2 at once.
         check_trusted(Path(merged["registry_auth_file"]), what="registry_auth_file")

@@ -70,6 +70,9 @@ class SwarmOptions:
     peers: tuple[str, ...] = ()
     lsd: bool = True
     dht: bool = True
+    # DHT nodes to join by; empty: libtorrent's own (public routers). A private network names
+    # one or more of its nodes (any node that runs the DHT will do).
+    dht_bootstrap: tuple[str, ...] = ()
     stall_s: float = 30.0
     # Tests and benchmarks put several nodes on one address; a real swarm does not need it.
     same_ip_peers: bool = False
@@ -87,8 +90,11 @@ class SwarmOptions:
             peers=settings.p2p_peers,
             lsd=settings.p2p_lsd,
             dht=settings.p2p_dht,
+            dht_bootstrap=settings.p2p_dht_bootstrap,
             stall_s=settings.p2p_stall_s,
-            same_ip_peers=_all_loopback(settings.p2p_listen, settings.p2p_peers),
+            same_ip_peers=_all_loopback(
+                settings.p2p_listen, (*settings.p2p_peers, *settings.p2p_dht_bootstrap)
+            ),
         )
 
 
@@ -353,7 +359,9 @@ def _limit_lan_peers(session: Any, options: SwarmOptions) -> None:
 
 def _settings_pack(lt: Any, options: SwarmOptions) -> dict[str, Any]:
     category = lt.alert_category
+    bootstrap = {"dht_bootstrap_nodes": ",".join(options.dht_bootstrap)}
     return {
+        **(bootstrap if options.dht_bootstrap else {}),
         "listen_interfaces": options.listen,
         "listen_system_port_fallback": False,
         "max_retry_port_bind": 0,
