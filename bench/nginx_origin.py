@@ -21,31 +21,43 @@ from pathlib import Path
 
 from tests.support.podman_fixtures import free_port
 
-__all__ = ["NginxOrigin", "nginx_binary", "run_nginx", "start_nginx", "stop_nginx"]
+__all__ = [
+    "NginxOrigin",
+    "launch_nginx",
+    "nginx_binary",
+    "run_nginx",
+    "start_nginx",
+    "stop_nginx",
+]
 
-_CONFIG = """daemon off;
+# What every nginx started here shares: one process in the foreground, its pid, logs and
+# temporary folders in a private prefix; the caller's ``http`` lines follow. ``sent`` logs a
+# request's status, body bytes, ``Range`` and connection serial (``NginxOrigin.requests``).
+_PREAMBLE = """daemon off;
 master_process off;
 worker_processes 1;
 {user}
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
-events {{ worker_connections 512; }}
+events {{ worker_connections {connections}; }}
 http {{
   log_format sent '$status $body_bytes_sent "$http_range" $connection';
-  {access_log}
-  sendfile on;
-  tcp_nopush on;
-  keepalive_requests 10000;
-  client_body_temp_path {prefix}/body;
+  client_body_temp_path {body_temp};
   proxy_temp_path {prefix}/proxy;
   fastcgi_temp_path {prefix}/fastcgi;
   uwsgi_temp_path {prefix}/uwsgi;
   scgi_temp_path {prefix}/scgi;
-  types {{ application/json json; }}
-  default_type application/octet-stream;
-  server {{ listen 127.0.0.1:{port}; root {root}; {limit} }}
+{http}
 }}
 """
+
+_ORIGIN = """  {access_log}
+  sendfile on;
+  tcp_nopush on;
+  keepalive_requests 10000;
+  types {{ application/json json; }}
+  default_type application/octet-stream;
+  server {{ listen 127.0.0.1:{port}; root {root}; {limit} }}"""
 
 
 # A line of the ``sent`` log format; configs written elsewhere may lack the connection.
@@ -136,30 +148,48 @@ def run_nginx(binary: str, config: Path, prefix: Path, port: int) -> subprocess.
     raise RuntimeError(f"nginx did not start: {tail}")
 
 
+def launch_nginx(
+    prefix: Path,
+    *,
+    port: int,
+    http: str,
+    connections: int = 512,
+    body_temp: Path | None = None,
+) -> subprocess.Popen[bytes] | None:
+    """nginx with the shared preamble and the ``http`` block's own lines (``http`` listens on
+    ``port``), its files in ``prefix``; running once ``port`` answers. None when nginx is
+    not installed. ``body_temp`` holds request bodies (default ``prefix/body``)."""
+    binary = nginx_binary()
+    if binary is None:
+        return None
+    prefix.mkdir(parents=True, exist_ok=True)
+    config = prefix / "nginx.conf"
+    config.write_text(
+        _PREAMBLE.format(
+            # Workers would otherwise switch to "nobody", who cannot enter a 0700 scratch folder.
+            user="user root;" if os.geteuid() == 0 else "",
+            prefix=prefix,
+            connections=connections,
+            body_temp=body_temp or prefix / "body",
+            http=http,
+        ),
+        encoding="utf-8",
+    )
+    return run_nginx(binary, config, prefix, port)
+
+
 def start_nginx(
     root: Path, prefix: Path, *, limit_rate: str | None = None, log_bytes: bool = False
 ) -> NginxOrigin | None:
     """nginx serving ``root``; ``limit_rate`` (nginx syntax, e.g. ``16m``) caps each
     connection, as CDNs and model hubs do; ``log_bytes`` logs the body bytes of every
     request (``NginxOrigin.body_bytes_sent``)."""
-    binary = nginx_binary()
-    if binary is None:
-        return None
-    prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    # Workers would otherwise switch to "nobody", who cannot enter a 0700 scratch folder.
-    user = "user root;" if os.geteuid() == 0 else ""
-    config = prefix / "nginx.conf"
-    config.write_text(
-        _CONFIG.format(
-            user=user,
-            prefix=prefix,
-            port=port,
-            root=root,
-            limit=f"limit_rate {limit_rate};" if limit_rate else "",
-            access_log=f"access_log {prefix}/access.log sent;" if log_bytes else "access_log off;",
-        ),
-        encoding="utf-8",
+    http = _ORIGIN.format(
+        port=port,
+        root=root,
+        limit=f"limit_rate {limit_rate};" if limit_rate else "",
+        access_log=f"access_log {prefix}/access.log sent;" if log_bytes else "access_log off;",
     )
-    process = run_nginx(binary, config, prefix, port)
-    return NginxOrigin(process, port, root, prefix)
+    process = launch_nginx(prefix, port=port, http=http)
+    return None if process is None else NginxOrigin(process, port, root, prefix)

@@ -33,6 +33,7 @@ from bench.harness import (
 )
 from bench.network import BenchNode, SignedOrigin, model_entry, serve_model_files, snapshot_body
 from bench.nginx_origin import start_nginx
+from bench.segmented import ARIA2_ONE_FILE, aria2_one_file
 
 NAME = "once_model"
 CAP = "16m"
@@ -47,16 +48,6 @@ def _once(home: Path, origin: SignedOrigin, podman_url: str, blob: Path) -> floa
     if not blob.is_file():
         raise RuntimeError(f"`reconcile once` ended without the model file {blob}")
     return took
-
-
-def _aria2(url: str, out: Path) -> float:
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    script = (
-        f"set -o pipefail; aria2c -q -x8 -s8 -k1M --file-allocation=none -d {out} -o f {url} "
-        f"&& sha256sum {out}/f >/dev/null"
-    )
-    return timed(["bash", "-c", script])
 
 
 def run(ctx: Context) -> list[Result]:
@@ -82,7 +73,7 @@ def run(ctx: Context) -> list[Result]:
         samples = interleaved(
             {
                 "reconcile once": lambda: _once(home, origin, lab.service.url, blob),
-                "aria2c": lambda: _aria2(url, folder / "aria2"),
+                "aria2c": lambda: aria2_one_file(url, folder / "aria2"),
             },
             runs=runs,
         )
@@ -105,7 +96,7 @@ def run(ctx: Context) -> list[Result]:
             value=product / peer,
             unit="x",
             target=Target(1.0),
-            baseline=Baseline("aria2c -x8 -s8 -k1M + sha256sum", peer, "s"),
+            baseline=Baseline(ARIA2_ONE_FILE, peer, "s"),
             details=details,
         )
     ]

@@ -59,6 +59,20 @@ def _aria2(script: str, out: Path) -> float:
     return timed(["bash", "-c", "set -o pipefail; " + script])
 
 
+# The peer for one big file: eight connections of 1 MiB pieces, then the digest a node checks.
+ARIA2_ONE_FILE = "aria2c -x8 -s8 -k1M + sha256sum"
+
+
+def aria2_one_file(url: str, out: Path) -> float:
+    """Seconds ``aria2c -x8 -s8 -k1M`` takes to download ``url`` into (an emptied) ``out``
+    and ``sha256sum`` to hash it."""
+    return _aria2(
+        f"aria2c -q -x8 -s8 -k1M --file-allocation=none -d {out} -o f {url} "
+        f"&& sha256sum {out}/f >/dev/null",
+        out,
+    )
+
+
 def _big(ctx: Context, folder: Path, size: int, runs: int) -> tuple[list[Result], float]:
     files = serve_model_files(folder / "origin", {"model.safetensors": size}, seed="seg")
     models_file = folder / "big.json"
@@ -72,11 +86,7 @@ def _big(ctx: Context, folder: Path, size: int, runs: int) -> tuple[list[Result]
         samples = interleaved(
             {
                 "product": lambda: _product(folder / "node", nginx.url, models_file, peaks),
-                "aria2c": lambda: _aria2(
-                    f"aria2c -q -x8 -s8 -k1M --file-allocation=none -d {out} -o f {url} "
-                    f"&& sha256sum {out}/f >/dev/null",
-                    out,
-                ),
+                "aria2c": lambda: aria2_one_file(url, out),
             },
             runs=runs,
         )
@@ -102,7 +112,7 @@ def _big(ctx: Context, folder: Path, size: int, runs: int) -> tuple[list[Result]
             value=product / peer,
             unit="x",
             target=Target(1.0),
-            baseline=Baseline("aria2c -x8 -s8 -k1M + sha256sum", peer, "s"),
+            baseline=Baseline(ARIA2_ONE_FILE, peer, "s"),
             details=details,
         ),
         Result(

@@ -19,7 +19,6 @@ each from the moment its ``watch`` started (target ≤ 2x).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -29,7 +28,7 @@ from typing import Any
 from bench.converged import podman_lab
 from bench.harness import MIB, Baseline, Context, Result, Target, load_average
 from bench.network import BenchNode, SignedOrigin, model_entry, serve_model_files, snapshot_body
-from bench.nginx_origin import NginxOrigin, nginx_binary, run_nginx
+from bench.nginx_origin import NginxOrigin, launch_nginx
 from reconciler.network.torrents import with_torrents
 from tests.support.podman_fixtures import free_port
 
@@ -39,50 +38,22 @@ NAME = "swarm"
 NODES = 6
 LIMIT_RATE = "32m"
 
-_CONFIG = """daemon off;
-master_process off;
-worker_processes 1;
-{user}
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 512; }}
-http {{
-  log_format sent '$status $body_bytes_sent "$http_range"';
-  access_log {prefix}/access.log sent;
+# nginx caps each request; sndbuf keeps a short Range request from opening with a burst.
+_WEB_SEED = """  access_log {prefix}/access.log sent;
   sendfile on;
   sendfile_max_chunk 256k;
   keepalive_requests 100000;
-  client_body_temp_path {prefix}/body;
-  proxy_temp_path {prefix}/proxy;
-  fastcgi_temp_path {prefix}/fastcgi;
-  uwsgi_temp_path {prefix}/uwsgi;
-  scgi_temp_path {prefix}/scgi;
   default_type application/octet-stream;
-  server {{ listen 127.0.0.1:{port} sndbuf=128k; root {root}; limit_rate {limit_rate}; }}
-}}
-"""
+  server {{ listen 127.0.0.1:{port} sndbuf=128k; root {root}; limit_rate {limit_rate}; }}"""
 
 
 def start_web_seed(root: Path, prefix: Path, *, limit_rate: str) -> NginxOrigin | None:
     """nginx serving ``root`` with every request capped at ``limit_rate`` (nginx syntax) and
     its body bytes logged; None when nginx is not installed."""
-    binary = nginx_binary()
-    if binary is None:
-        return None
-    prefix.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    config = prefix / "nginx.conf"
-    config.write_text(
-        _CONFIG.format(
-            user="user root;" if os.geteuid() == 0 else "",
-            prefix=prefix,
-            port=port,
-            root=root,
-            limit_rate=limit_rate,
-        ),
-        encoding="utf-8",
-    )
-    return NginxOrigin(run_nginx(binary, config, prefix, port), port, root, prefix)
+    http = _WEB_SEED.format(prefix=prefix, port=port, root=root, limit_rate=limit_rate)
+    process = launch_nginx(prefix, port=port, http=http)
+    return None if process is None else NginxOrigin(process, port, root, prefix)
 
 
 def _snapshot(origin: SignedOrigin, seed_url: str, size: int) -> dict[str, Any]:

@@ -35,8 +35,6 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import json
-import stat
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +44,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from reconciler.core.errors import SettingsError
-from reconciler.disk.strict import check_trusted
+from reconciler.disk.credentials import credentials_json, read_credentials
 
 __all__ = [
     "MirrorAuth",
@@ -183,39 +181,15 @@ def load_mirror_auth(path: str | Path | None) -> MirrorAuth:
     if path is None or str(path) == "":
         return MirrorAuth((), source=None)
     where = f"mirror_auth_file {path}"
-    check_trusted(Path(path), what="mirror_auth_file")  # strict modes, as for the settings file
-    _refuse_if_others_read(Path(path), where=where)
-    try:
-        with Path(path).open("rb") as handle:
-            raw = handle.read(_FILE_LIMIT + 1)
-    except OSError as exc:
-        raise SettingsError(f"{where} cannot be read: {exc.strerror or exc}") from None
-    if len(raw) > _FILE_LIMIT:
-        raise SettingsError(f"{where} is larger than {_FILE_LIMIT} bytes")
+    raw = read_credentials(Path(path), setting="mirror_auth_file", limit=_FILE_LIMIT, private=True)
     return MirrorAuth(parse_mirror_auth(raw, where=where), source=where)
-
-
-def _refuse_if_others_read(path: Path, *, where: str) -> None:
-    """Secrets, unlike settings, must not be readable by others either (as ssh's keys)."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return  # the read below names what is wrong
-    if mode & stat.S_IROTH:
-        raise SettingsError(f"{where} is readable by others: make it 0600 or 0640")
 
 
 def parse_mirror_auth(raw: bytes, *, where: str) -> list[MirrorCredential]:
     """The entries of a file's bytes; ``SettingsError`` (starting with ``where``) if any
     entry is unusable: a file half understood would send some requests without the
     credentials the operator meant them to carry."""
-    try:
-        document = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise SettingsError(f"{where} is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        # The decoder's message names a position, never the text around it.
-        raise SettingsError(f"{where} is not JSON: {exc.msg} at line {exc.lineno}") from None
+    document = credentials_json(raw, where=where)
     if not isinstance(document, dict) or not isinstance(document.get("auths"), dict):
         raise SettingsError(f'{where} is not an object with an "auths" object')
     entries = [_entry(key, value, where=where) for key, value in document["auths"].items()]

@@ -48,9 +48,11 @@ __all__ = [
     "Published",
     "RolloutRevision",
     "canonical_json",
+    "fill_model_files",
     "make_root",
     "parse_duration",
     "parse_size",
+    "piece_digests",
     "publish_snapshot",
     "refresh_head",
     "with_chunks",
@@ -120,22 +122,41 @@ def with_chunks(
     and the chunks at the same time. A file whose bytes do not match its declared digest is
     refused: the chunks would vouch for bytes no node accepts. Files that already have
     ``chunks``, or are not longer than one chunk, are left as they are."""
+
+    def chunks(source: Path, entry: dict[str, Any]) -> dict[str, Any]:
+        digests = piece_digests(
+            source, entry, chunk_bytes, new=hashlib.sha256, what="chunk digests"
+        )
+        return {"size": chunk_bytes, "digests": ["sha256:" + d.hex() for d in digests]}
+
     document = copy.deepcopy(snapshot)
+    counts = fill_model_files(document, folder, field="chunks", above=chunk_bytes, make=chunks)
+    return document, ChunksFilled(*counts)
+
+
+def fill_model_files(
+    document: dict[str, Any],
+    folder: Path,
+    *,
+    field: str,
+    above: int,
+    make: Callable[[Path, dict[str, Any]], dict[str, Any]],
+) -> tuple[int, int, int]:
+    """Set ``field`` of every model file of ``document`` longer than ``above`` bytes and found
+    in ``folder`` to ``make(the file found, its entry)``, in place; (filled, looked for in vain,
+    skipped). A file that already has ``field`` is skipped: the publisher's own value stands."""
     filled = not_found = skipped = 0
     for model, entry in _model_files(document):
-        if "chunks" in entry or int(entry.get("size", 0)) <= chunk_bytes:
+        if field in entry or int(entry.get("size", 0)) <= above:
             skipped += 1
             continue
         source = _find_model_file(folder, model, entry)
         if source is None:
             not_found += 1
             continue
-        entry["chunks"] = {
-            "size": chunk_bytes,
-            "digests": _chunk_digests(source, entry, chunk_bytes),
-        }
+        entry[field] = make(source, entry)
         filled += 1
-    return document, ChunksFilled(filled=filled, not_found=not_found, skipped=skipped)
+    return filled, not_found, skipped
 
 
 def _model_files(document: dict[str, Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
@@ -168,26 +189,31 @@ def _find_model_file(folder: Path, model: dict[str, Any], entry: dict[str, Any])
     return None
 
 
-def _chunk_digests(source: Path, entry: dict[str, Any], chunk_bytes: int) -> list[str]:
-    whole, chunk, have = hashlib.sha256(), hashlib.sha256(), 0
-    digests: list[str] = []
+def piece_digests(
+    source: Path, entry: dict[str, Any], length: int, *, new: Callable[[], Any], what: str
+) -> list[bytes]:
+    """The ``new()`` digest of each ``length``-byte piece of ``source`` (the last one shorter),
+    read once; a ``SettingsError`` when the whole file is not the entry's declared digest, as
+    the pieces would vouch for bytes no node accepts (``what`` names them in the error)."""
+    whole, piece, have = hashlib.sha256(), new(), 0
+    digests: list[bytes] = []
     try:
         with source.open("rb") as handle:
-            while data := handle.read(min(CHUNK_READ, chunk_bytes - have)):
+            while data := handle.read(min(CHUNK_READ, length - have)):
                 whole.update(data)
-                chunk.update(data)
+                piece.update(data)
                 have += len(data)
-                if have == chunk_bytes:
-                    digests.append("sha256:" + chunk.hexdigest())
-                    chunk, have = hashlib.sha256(), 0
+                if have == length:
+                    digests.append(piece.digest())
+                    piece, have = new(), 0
     except OSError as exc:
         raise SettingsError(f"cannot read {source}: {exc.strerror or exc}") from exc
     if have:
-        digests.append("sha256:" + chunk.hexdigest())
+        digests.append(piece.digest())
     if "sha256:" + whole.hexdigest() != entry.get("digest"):
         raise SettingsError(
             f"{source} does not match the digest of {entry.get('path')} "
-            f"({entry.get('digest')}): refusing to publish chunk digests of other bytes"
+            f"({entry.get('digest')}): refusing to publish {what} of other bytes"
         )
     return digests
 

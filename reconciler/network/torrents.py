@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reconciler.core.errors import SettingsError
-from reconciler.network.publish import _find_model_file, _model_files
+from reconciler.network.publish import fill_model_files, piece_digests
 
 __all__ = ["MIN_TORRENT_BYTES", "TorrentsFilled", "piece_length_for", "with_torrents"]
 
@@ -37,7 +36,6 @@ MIN_TORRENT_BYTES = 4 * 1024 * 1024
 _MIN_PIECE = 256 * 1024
 _MAX_PIECE = 16 * 1024 * 1024
 _TARGET_PIECES = 1024
-_READ = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -62,44 +60,17 @@ def with_torrents(snapshot: dict[str, Any], folder: Path) -> tuple[dict[str, Any
     """A copy of ``snapshot`` whose model files found in ``folder`` (looked for as
     ``with_chunks`` does) and larger than ``MIN_TORRENT_BYTES`` carry ``bt``. A file whose
     bytes do not match its declared digest is refused."""
-    document = copy.deepcopy(snapshot)
-    filled = not_found = skipped = 0
-    for model, entry in _model_files(document):
-        if "bt" in entry or int(entry.get("size", 0)) <= MIN_TORRENT_BYTES:
-            skipped += 1
-            continue
-        source = _find_model_file(folder, model, entry)
-        if source is None:
-            not_found += 1
-            continue
+
+    def bt(source: Path, entry: dict[str, Any]) -> dict[str, Any]:
         length = piece_length_for(int(entry["size"]))
-        entry["bt"] = {
-            "piece_length": length,
-            "pieces": base64.b64encode(_piece_hashes(source, entry, length)).decode("ascii"),
-        }
-        filled += 1
-    return document, TorrentsFilled(filled=filled, not_found=not_found, skipped=skipped)
+        hashes = piece_digests(source, entry, length, new=_sha1, what="piece hashes")
+        return {"piece_length": length, "pieces": base64.b64encode(b"".join(hashes)).decode()}
+
+    document = copy.deepcopy(snapshot)
+    counts = fill_model_files(document, folder, field="bt", above=MIN_TORRENT_BYTES, make=bt)
+    return document, TorrentsFilled(*counts)
 
 
-def _piece_hashes(source: Path, entry: dict[str, Any], length: int) -> bytes:
-    whole, piece, have = hashlib.sha256(), hashlib.sha1(usedforsecurity=False), 0
-    hashes = bytearray()
-    try:
-        with source.open("rb") as handle:
-            while data := handle.read(min(_READ, length - have)):
-                whole.update(data)
-                piece.update(data)
-                have += len(data)
-                if have == length:
-                    hashes += piece.digest()
-                    piece, have = hashlib.sha1(usedforsecurity=False), 0
-    except OSError as exc:
-        raise SettingsError(f"cannot read {source}: {exc.strerror or exc}") from exc
-    if have:
-        hashes += piece.digest()
-    if "sha256:" + whole.hexdigest() != entry.get("digest"):
-        raise SettingsError(
-            f"{source} does not match the digest of {entry.get('path')} "
-            f"({entry.get('digest')}): refusing to publish piece hashes of other bytes"
-        )
-    return bytes(hashes)
+def _sha1() -> Any:
+    # v1 piece hashes are SHA-1 by the BitTorrent spec, not a security choice of ours.
+    return hashlib.sha1(usedforsecurity=False)

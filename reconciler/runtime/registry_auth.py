@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reconciler.core.errors import SettingsError
-from reconciler.disk.strict import check_trusted
+from reconciler.disk.credentials import credentials_json, read_credentials
 
 __all__ = [
     "RegistryCredentials",
@@ -119,13 +118,7 @@ def match_auth_key(image: str, keys: Iterable[str]) -> str | None:
 def parse_registry_auth(raw: bytes, *, where: str) -> dict[str, Any]:
     """The ``auths`` object of a containers-auth.json file's bytes; ``SettingsError`` if
     unusable, its message starting with ``where``."""
-    try:
-        document = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise SettingsError(f"{where} is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        # The decoder's message names a position, never the text around it.
-        raise SettingsError(f"{where} is not JSON: {exc.msg} at line {exc.lineno}") from None
+    document = credentials_json(raw, where=where)
     if not isinstance(document, dict):
         raise SettingsError(f"{where} is not a JSON object")
     auths = document.get("auths", {})
@@ -137,14 +130,7 @@ def parse_registry_auth(raw: bytes, *, where: str) -> dict[str, Any]:
 def load_registry_auth(path: Path) -> dict[str, Any]:
     """The ``auths`` object of a containers-auth.json file; ``SettingsError`` if unusable."""
     where = f"registry_auth_file {path}"
-    check_trusted(path, what="registry_auth_file")  # strict modes, as for the settings file
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(_AUTH_FILE_LIMIT + 1)
-    except OSError as exc:
-        raise SettingsError(f"{where} cannot be read: {exc.strerror or exc}") from None
-    if len(raw) > _AUTH_FILE_LIMIT:
-        raise SettingsError(f"{where} is larger than {_AUTH_FILE_LIMIT} bytes")
+    raw = read_credentials(path, setting="registry_auth_file", limit=_AUTH_FILE_LIMIT)
     return parse_registry_auth(raw, where=where)
 
 

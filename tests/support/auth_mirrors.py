@@ -24,35 +24,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from bench.nginx_origin import NginxOrigin, nginx_binary, run_nginx
+from bench.nginx_origin import NginxOrigin, launch_nginx
 from tests.support.podman_fixtures import free_port
 
 __all__ = ["TokenGate", "htpasswd_ssha", "start_basic_nginx"]
 
-_CONFIG = """daemon off;
-master_process off;
-worker_processes 1;
-{user}
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 128; }}
-http {{
-  log_format sent '$status $body_bytes_sent "$http_range"';
-  access_log {prefix}/access.log sent;
-  client_body_temp_path {prefix}/body;
-  proxy_temp_path {prefix}/proxy;
-  fastcgi_temp_path {prefix}/fastcgi;
-  uwsgi_temp_path {prefix}/uwsgi;
-  scgi_temp_path {prefix}/scgi;
+_BASIC = """  access_log {prefix}/access.log sent;
   default_type application/octet-stream;
   server {{
     listen 127.0.0.1:{port};
     root {root};
     auth_basic "models";
     auth_basic_user_file {htpasswd};
-  }}
-}}
-"""
+  }}"""
 
 
 def htpasswd_ssha(user: str, password: str) -> str:
@@ -64,26 +48,14 @@ def htpasswd_ssha(user: str, password: str) -> str:
 
 def start_basic_nginx(root: Path, prefix: Path, *, user: str, password: str) -> NginxOrigin | None:
     """nginx serving ``root`` to ``user``/``password`` only; its files live in ``prefix``."""
-    binary = nginx_binary()
-    if binary is None:
-        return None
     prefix.mkdir(parents=True, exist_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     htpasswd = prefix / "htpasswd"
     htpasswd.write_text(htpasswd_ssha(user, password) + "\n", encoding="utf-8")
     port = free_port()
-    config = prefix / "nginx.conf"
-    config.write_text(
-        _CONFIG.format(
-            user="user root;" if os.geteuid() == 0 else "",
-            prefix=prefix,
-            port=port,
-            root=root,
-            htpasswd=htpasswd,
-        ),
-        encoding="utf-8",
-    )
-    return NginxOrigin(run_nginx(binary, config, prefix, port), port, root, prefix)
+    http = _BASIC.format(prefix=prefix, port=port, root=root, htpasswd=htpasswd)
+    process = launch_nginx(prefix, port=port, http=http, connections=128)
+    return None if process is None else NginxOrigin(process, port, root, prefix)
 
 
 class _GateHandler(BaseHTTPRequestHandler):

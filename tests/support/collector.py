@@ -9,38 +9,22 @@ from a private prefix (``-p``, ``daemon off``, one process) and is stopped by it
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
 
-from bench.nginx_origin import nginx_binary, run_nginx, stop_nginx
+from bench.nginx_origin import launch_nginx, stop_nginx
 from tests.support.podman_fixtures import free_port
 
 __all__ = ["Collector", "collector_location", "start_collector"]
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "publishing.md"
 
-_CONFIG = """daemon off;
-master_process off;
-worker_processes 1;
-{user}
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-  access_log {prefix}/access.log;
-  client_body_temp_path {root}/.tmp;
-  proxy_temp_path {prefix}/proxy;
-  fastcgi_temp_path {prefix}/fastcgi;
-  uwsgi_temp_path {prefix}/uwsgi;
-  scgi_temp_path {prefix}/scgi;
+_SERVER = """  access_log {prefix}/access.log;
   server {{
     listen 127.0.0.1:{port};
 {location}
-  }}
-}}
-"""
+  }}"""
 
 
 class Collector:
@@ -66,18 +50,10 @@ def collector_location() -> str:
 
 def start_collector(root: Path, prefix: Path) -> Collector | None:
     """nginx storing PUTs under ``root/reports/nodes/``."""
-    binary = nginx_binary()
-    if binary is None:
-        return None
-    prefix.mkdir(parents=True, exist_ok=True)
     (root / ".tmp").mkdir(parents=True, exist_ok=True)
     port = free_port()
     location = collector_location().replace("root /srv;", f"root {root};")
     assert f"root {root};" in location, "the documented block no longer sets `root /srv;`"
-    config = prefix / "nginx.conf"
-    user = "user root;" if os.geteuid() == 0 else ""
-    config.write_text(
-        _CONFIG.format(user=user, prefix=prefix, port=port, root=root, location=location),
-        encoding="utf-8",
-    )
-    return Collector(run_nginx(binary, config, prefix, port), port, root)
+    http = _SERVER.format(prefix=prefix, port=port, location=location)
+    process = launch_nginx(prefix, port=port, http=http, connections=64, body_temp=root / ".tmp")
+    return None if process is None else Collector(process, port, root)
