@@ -1,15 +1,20 @@
 """How nodes of a swarm find each other (issue 14, discovery), with real libtorrent sessions on
-127.0.0.1: through a real tracker (Debian's opentracker) named by the snapshot, and through
-the DHT.
+127.0.0.1: through a real tracker (Debian's opentracker) named by the snapshot, through the
+DHT, and by local service discovery (LSD).
 
-Every node here names no peer (``p2p_peers`` empty) and has local service discovery off, and
-the node that must find a peer has no working web seed (its mirror URL answers nothing): the
-only way it can get a byte is from a peer it discovered. Each test looks at the blob on disk,
-the swarm's own record (``models/.swarm.json``) and what the first node uploaded.
+Every node here names no peer (``p2p_peers`` empty) and has every way of discovery off but
+the one under test, and the node that must find a peer has no working web seed (its mirror
+URL answers nothing): the only way it can get a byte is from a peer it discovered. Each test
+looks at the blob on disk, the swarm's own record (``models/.swarm.json``) and what the first
+node uploaded; each way has a control in which the second node finds nobody.
 
-Local service discovery is not tested here: it is libtorrent's multicast on
-239.192.152.143:6771, and the loopback interface carries no multicast (``ip link show lo``
-has no MULTICAST flag); docs/contract.md §12 says so.
+LSD is libtorrent's multicast to 239.192.152.143:6771 on the interfaces a session listens on.
+The loopback interface here shows no ``MULTICAST`` flag, yet Linux delivers the group's
+datagrams between sockets on 127.0.0.1 all the same (seen with libtorrent 2.1 on Linux 6.x,
+also in a fresh network namespace whose ``lo`` lacks the flag), so the LSD test needs neither
+root nor a change to the machine's network. The nodes of other tests running beside it on the
+same machine may hear its announcements, and it theirs: each test's file is random bytes, so
+no two share an info-hash and nobody connects to anybody else's node.
 """
 
 from __future__ import annotations
@@ -254,3 +259,57 @@ def test_without_the_nodes_dht_setting_the_dht_finds_nobody(tmp_path: Path) -> N
         fetch(second_store, second_model, off)
     assert swarm_of(first_store, dht).uploaded_bytes == 0
     assert not (second_store.root / "blobs" / "sha256" / first_model.files[0].digest[7:]).exists()
+
+
+# ---------------------------------------------------------------------- local service discovery
+
+
+def first_node_on_the_lan(tmp_path: Path, mirror: FileServer, data: bytes) -> ModelStore:
+    """A node with LSD on that fetched the file from its web seed and now seeds it."""
+    mirror.write("w.bin", data)
+    p2p = {"trackers": [], "dht": False}
+    model = model_with(tmp_path / "files", data, urls=[mirror.url_for("w.bin")], p2p=p2p)
+    store = ModelStore(NodePaths(tmp_path / "first"))
+    fetch(store, model, options(lsd=True))
+    assert swarm_of(store, options(lsd=True)).seeding == 1
+    return store
+
+
+def test_a_node_finds_its_peer_by_local_service_discovery(tmp_path: Path) -> None:
+    data = os.urandom(6 * MIB + 5)
+    with FileServer(tmp_path / "mirror") as mirror:
+        first_store = first_node_on_the_lan(tmp_path, mirror, data)
+        served_to_first = mirror.stats.body_bytes("/w.bin")
+        # A mirror that answers nothing, no named peer, no tracker, no DHT: only LSD.
+        second_model = model_with(
+            tmp_path / "files2", data, urls=[DEAD_URL], p2p={"trackers": [], "dht": False}
+        )
+        second_store = ModelStore(NodePaths(tmp_path / "second"))
+        fetch(second_store, second_model, options(lsd=True, stall_s=10.0))
+        assert_installed(second_store, second_model, data)
+        assert mirror.stats.body_bytes("/w.bin") == served_to_first  # nothing more
+    assert served_to_first >= len(data)
+    assert swarm_of(first_store, options(lsd=True)).uploaded_bytes >= len(data)
+    status = read_swarm_status(second_store.root)
+    assert status is not None and status["fallback"] is None
+    assert status["downloaded_bytes"] == len(data)
+
+
+def test_without_the_nodes_lsd_setting_the_lan_finds_nobody(tmp_path: Path) -> None:
+    """The control: the same two nodes, but the second node's ``p2p_lsd`` is off: it hears
+    no announcement, makes none, and gets no byte."""
+    from reconciler.core.errors import DownloadError
+
+    data = os.urandom(5 * MIB)
+    with FileServer(tmp_path / "mirror") as mirror:
+        first_store = first_node_on_the_lan(tmp_path, mirror, data)
+        second_model = model_with(
+            tmp_path / "files2", data, urls=[DEAD_URL], p2p={"trackers": [], "dht": False}
+        )
+        second_store = ModelStore(NodePaths(tmp_path / "second"))
+        with pytest.raises(DownloadError, match=r"w\.bin"):
+            fetch(second_store, second_model, options(lsd=False, stall_s=3.0))
+    assert swarm_of(first_store, options(lsd=True)).uploaded_bytes == 0
+    assert not (second_store.root / "blobs" / "sha256" / second_model.files[0].digest[7:]).exists()
+    status = read_swarm_status(second_store.root)
+    assert status is not None and status["fallback"] is not None
