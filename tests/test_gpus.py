@@ -312,7 +312,10 @@ def test_a_converge_uses_discovered_vram_holds_an_undefined_device_and_follows_d
         "this node" in text
     )
     assert "excluded    subcloud eu-80g: needs 80000 MiB of VRAM, node has 24576" in text
-    assert report_payload(scene.node())["gpus"]["vram_mib"] == 24576
+    payload = report_payload(scene.node())
+    assert payload["gpus"]["vram_mib"] == 24576
+    assert payload["excluded_for_vram"] == ["eu-80g"]
+    assert payload["held"] == [{"runtime": "gpu", "device": "example.com/gpu=0"}]
     metrics = render(gpu_metrics(scene.node()))
     assert "reconciler_runtimes_held 1" in metrics
     assert "reconciler_subclouds_excluded_vram 1" in metrics

@@ -183,7 +183,8 @@ def test_once_puts_a_signed_report_into_nginx_dav_that_securesystemslib_verifies
     assert payload["gpus"] == {"source": "none", "devices": [], "vram_mib": None}
     fields = {"node", "public", "network", "at", "agent_version", "head", "applied"}
     fields |= {"converged", "hold", "quarantined", "waiting", "rollout", "last_error"}
-    assert set(payload) == fields | {"models", "containers", "gpus"}
+    assert payload["excluded_for_vram"] == [] and payload["held"] == []
+    assert set(payload) == fields | {"models", "containers", "gpus", "excluded_for_vram", "held"}
     status = node.status()["report"]
     assert status["ok"] is True and status["status"] == 201
     assert status["url"] == f"{collector.url}nodes/{keyid}.json"

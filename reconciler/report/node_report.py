@@ -22,7 +22,7 @@ from reconciler.core.nodereport import MAX_REPORT_BYTES, report_base, report_obj
 from reconciler.core.rollout import Position, RolloutWait
 from reconciler.disk.keys import read_private_key
 from reconciler.history.node import Node
-from reconciler.report.host_view import report_gpus
+from reconciler.report.host_view import host_view, report_gpus
 from reconciler.report.status import status_report
 
 __all__ = ["report_payload", "report_url", "sealed_report"]
@@ -86,6 +86,7 @@ def report_payload(node: Node, *, now: float | None = None) -> dict[str, Any]:
         "models": [{"id": m.get("id"), "state": m.get("state")} for m in status["models"]],
         "containers": _containers_seen(node, head["commit"] if head else None),
         "gpus": _gpus_view(node),
+        **_vram_and_holds(node),
     }
 
 
@@ -131,6 +132,17 @@ def _rollout_view(node: Node, now: float) -> dict[str, Any] | None:
         "in": True,
         "wave": entered.get("wave"),
         "entered_at": entered.get("at"),
+    }
+
+
+def _vram_and_holds(node: Node) -> dict[str, Any]:
+    """Additions to §9 (collectors ignore fields they do not know): the subclouds the node's
+    VRAM kept it out of, and the runtimes held back for a CDI device it lacks (§11)."""
+    host = host_view(node)
+    part = host["participation"] or {}
+    return {
+        "excluded_for_vram": list(part.get("excluded_for_vram", [])),
+        "held": [{"runtime": h["runtime"], "device": h["device"]} for h in host["held"]],
     }
 
 
