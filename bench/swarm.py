@@ -3,8 +3,9 @@ one web seed capped at 32 MB/s per request; what the web seed served, and how lo
 node took against one node alone (issue 14).
 
 Each node is a real node folder (``reconcile init``), its own ``watch`` process, its own
-libtorrent port on 127.0.0.1, the five others named in ``p2p_peers`` (with LSD off, so that the
-figures measure the swarm, not how fast discovery is). Documents come from the signed ``FileServer`` origin;
+libtorrent port on 127.0.0.1, the five others named in ``p2p_peers`` (with LSD off, so that
+the figures measure the swarm, not how fast discovery is). Documents come from the signed
+``FileServer`` origin;
 the model file only from the web seed: nginx with ``limit_rate 32m`` and a small socket send
 buffer. nginx caps each *request*, and a web seed (BEP 19) makes many short Range requests,
 each of which would otherwise start with a burst as large as the kernel's send buffer, far
